@@ -1,0 +1,68 @@
+//! The HTTP API: one router per resource, merged here, over a small cloneable [`AppState`].
+//! Handlers get the caller's tenant from the [`AuthTenant`] extractor, so no handler can forget
+//! tenant scoping; operator routes take [`Operator`].
+
+pub mod admin;
+pub mod events;
+pub mod health;
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::cluster::state::Tenant;
+use crate::cluster::ControlPlane;
+use crate::error::ApiError;
+use crate::eventlog::EventLog;
+use crate::ingest::Ingestor;
+use crate::store::EventStore;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub control: ControlPlane,
+    pub ingestor: Ingestor,
+    pub store: Arc<dyn EventStore>,
+    pub log: EventLog,
+    pub nats: async_nats::Client,
+    pub metrics: PrometheusHandle,
+    /// SHA-256 digest (hex) of the operator token.
+    pub admin_digest: Arc<String>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(events::router())
+        .merge(admin::router())
+        .merge(health::router())
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// The tenant of the request's API key.
+pub struct AuthTenant(pub Tenant);
+
+impl FromRequestParts<AppState> for AuthTenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        crate::auth::tenant_for(&state.control, crate::auth::credential(&parts.headers)).map(AuthTenant)
+    }
+}
+
+/// A request authenticated with the operator token.
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        match crate::auth::credential(&parts.headers) {
+            Some(token) if crate::auth::digest(token) == *state.admin_digest => Ok(Operator),
+            Some(_) => Err(ApiError::unauthorized("the operator token is not valid")),
+            None => Err(ApiError::unauthorized("the operator token is required: `Authorization: Bearer <token>`")),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! One layered configuration: built-in defaults, then a TOML file, then `SIGNALOPS_`-prefixed
+//! environment variables (nested keys joined with `__`, e.g. `SIGNALOPS_INGEST__MAX_BATCH_EVENTS`),
+//! then command-line flags, then [`Config::validate`]. `config.default.toml` at the repository root
+//! lists every key with its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the node keeps its store, its Raft log and (in `dev`) the supervised NATS data.
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// This node's Raft id (unique in the cluster).
+    pub node_id: u64,
+    /// Operator token for `/v1/admin`. In `dev` it is generated on first start when unset.
+    pub admin_token: Option<String>,
+    /// `text` or `json` log lines.
+    pub log_format: String,
+    pub nats: NatsConfig,
+    pub stream: StreamConfig,
+    pub ingest: IngestConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// URL of an external NATS server (`signalops node`). Ignored by `dev`, which runs its own.
+    pub url: String,
+    /// Client port of the nats-server that `dev` supervises.
+    pub port: u16,
+    /// Path of the nats-server binary for `dev`; the `NATS_SERVER_BIN` variable and `PATH` are
+    /// searched when unset.
+    pub server_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Number of event partitions. Fixed when the stream is created; an existing stream keeps its own.
+    pub partitions: u32,
+    /// JetStream replicas of the event stream (1 for a single server).
+    pub replicas: usize,
+    /// JetStream deduplication window in seconds (`Nats-Msg-Id`). Must exceed the processing lag
+    /// a producer retry can meet; the store's idempotency records cover the long window.
+    pub duplicate_window_secs: u64,
+    /// Maximum age of events kept in the stream, in seconds (0 keeps them until limits apply).
+    pub max_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Most events in one batch.
+    pub max_batch_events: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// How long to wait for JetStream to acknowledge a request's events before answering 503.
+    pub publish_timeout_ms: u64,
+    /// How long an idempotency key keeps deduplicating retries, in seconds.
+    pub idempotency_window_secs: u64,
+    /// Events per second a tenant may send when its own limit is unset (0 = unlimited).
+    pub default_events_per_second: u32,
+    /// NATS subject served for ingest (request/reply or plain publish), in a queue group.
+    pub nats_subject: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./signalops-data"),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_id: 1,
+            admin_token: None,
+            log_format: "text".into(),
+            nats: NatsConfig::default(),
+            stream: StreamConfig::default(),
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig { url: "nats://127.0.0.1:4222".into(), port: 4222, server_bin: None }
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig { partitions: 16, replicas: 1, duplicate_window_secs: 120, max_age_secs: 0 }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_batch_events: 1000,
+            max_body_bytes: 1024 * 1024,
+            publish_timeout_ms: 5000,
+            idempotency_window_secs: 24 * 3600,
+            default_events_per_second: 0,
+            nats_subject: "signalops.v1.ingest".into(),
+        }
+    }
+}
+
+/// Errors in the configuration: they stop the node before it starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults, then the optional TOML file, then `SIGNALOPS_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", path.display())));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(Env::prefixed("SIGNALOPS_").split("__"));
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.stream.partitions == 0 || self.stream.partitions > 1024 {
+            return bad("stream.partitions must be between 1 and 1024");
+        }
+        if self.stream.replicas == 0 || self.stream.replicas > 5 {
+            return bad("stream.replicas must be between 1 and 5");
+        }
+        if self.ingest.max_batch_events == 0 {
+            return bad("ingest.max_batch_events must be at least 1");
+        }
+        if self.ingest.max_body_bytes < 1024 {
+            return bad("ingest.max_body_bytes must be at least 1024");
+        }
+        if self.ingest.publish_timeout_ms == 0 {
+            return bad("ingest.publish_timeout_ms must be positive");
+        }
+        if self.stream.duplicate_window_secs == 0 {
+            return bad("stream.duplicate_window_secs must be positive");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format must be `text` or `json`");
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return bad("admin_token must be at least 16 characters");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,33 @@
+//! SignalOps node.
+//!
+//! Modules, in the order an event meets them:
+//! - [`api`]: HTTP routers (`/v1/events`, `/v1/admin`, health and metrics) over [`api::AppState`].
+//! - [`nats_ingest`]: the `signalops.v1.ingest` NATS subject (queue group).
+//! - [`ingest`]: decode, validate ([`model`]), authenticate ([`auth`]), rate-limit, deduplicate
+//!   and publish; shared by both transports.
+//! - [`eventlog`]: the JetStream event stream and its partitioning.
+//! - [`processor`]: one partition-owner task per partition: consume, store, ack.
+//! - [`store`]: the event store trait, the embedded (redb) backend and the conformance suite.
+//! - [`cluster`]: the openraft control plane (tenants, API keys) with NATS as its transport.
+//! - [`node`]: start-up and ordered shutdown; [`natsd`] supervises `dev`'s nats-server;
+//!   [`dev`] creates the dev tenant; [`config`] layers the configuration; [`telemetry`] names
+//!   the metrics.
+//!
+//! Tasks running in a node: the HTTP server, the NATS ingest subscriber, one owner per
+//! partition, the consumer-lag reporter, the hourly idempotency purge, Raft and its RPC server.
+
+pub mod api;
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod eventlog;
+pub mod ingest;
+pub mod model;
+pub mod nats_ingest;
+pub mod natsd;
+pub mod node;
+pub mod processor;
+pub mod store;
+pub mod telemetry;

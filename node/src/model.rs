@@ -1,0 +1,353 @@
+//! Events as producers send them, as the log carries them, and as the store returns them.
+//!
+//! Validation happens before anything is published: a batch with one bad event is rejected
+//! whole, with the path of the field at fault (`events[3].type`).
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// Maximum nesting depth of an event payload (the payload object itself is depth 1).
+pub const MAX_PAYLOAD_DEPTH: usize = 32;
+/// Maximum length of an event type, an event id and an idempotency key.
+pub const MAX_NAME_LEN: usize = 128;
+/// Maximum length of `source`, `user_id` and `session_id`.
+pub const MAX_ATTR_LEN: usize = 256;
+
+/// A tenant's identity. Shown as a hyphenated UUID; carried in subjects without hyphens.
+pub type TenantId = Uuid;
+
+/// One event as accepted from a producer, validated and ready for the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: String,
+    pub tenant_id: TenantId,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub payload: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Event time, milliseconds since the Unix epoch.
+    pub occurred_at_ms: i64,
+    /// When the node accepted the event, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// The idempotency key this event was accepted under (`id:<id>` or `key:<key>`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Where an event sits in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPosition {
+    pub partition: u32,
+    pub sequence: u64,
+}
+
+/// An event as the store holds it: the record plus its log position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub record: EventRecord,
+    pub position: LogPosition,
+}
+
+/// The JSON shape of a stored event in API responses.
+#[derive(Debug, Serialize)]
+pub struct EventView<'a> {
+    pub id: &'a str,
+    pub tenant_id: TenantId,
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+    pub payload: &'a Map<String, Value>,
+    pub source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<&'a str>,
+    pub occurred_at: String,
+    pub received_at: String,
+    pub position: LogPosition,
+}
+
+impl StoredEvent {
+    pub fn view(&self) -> EventView<'_> {
+        let r = &self.record;
+        EventView {
+            id: &r.id,
+            tenant_id: r.tenant_id,
+            event_type: &r.event_type,
+            payload: &r.payload,
+            source: r.source.as_deref(),
+            user_id: r.user_id.as_deref(),
+            session_id: r.session_id.as_deref(),
+            occurred_at: format_ms(r.occurred_at_ms),
+            received_at: format_ms(r.received_at_ms),
+            position: self.position,
+        }
+    }
+}
+
+/// Formats epoch milliseconds as RFC 3339 UTC with millisecond precision.
+pub fn format_ms(ms: i64) -> String {
+    match Utc.timestamp_millis_opt(ms).single() {
+        Some(t) => t.to_rfc3339_opts(SecondsFormat::Millis, true),
+        None => ms.to_string(),
+    }
+}
+
+/// Parses an RFC 3339 timestamp into epoch milliseconds.
+pub fn parse_time(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+}
+
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// True when `s` is 1..=128 characters of `[A-Za-z0-9_.:-]` with no empty dot-separated token
+/// (event types become NATS subject tokens).
+pub fn valid_type(s: &str) -> bool {
+    valid_name(s) && s.split('.').all(|t| !t.is_empty())
+}
+
+/// True when `s` is 1..=128 characters of `[A-Za-z0-9_.:-]`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The request body after decoding: one event or a batch.
+pub struct ParsedBody {
+    pub events: Vec<Map<String, Value>>,
+    pub batch: bool,
+}
+
+/// Splits a decoded body into events. Field paths in errors follow the body's shape.
+pub fn split_body(body: Value, max_events: usize) -> Result<ParsedBody, ApiError> {
+    let Value::Object(mut obj) = body else {
+        return Err(ApiError::bad_request("", "the body must be a JSON object: an event or {\"events\": [...]}"));
+    };
+    if let Some(events) = obj.remove("events") {
+        if let Some(extra) = obj.keys().next() {
+            return Err(ApiError::bad_request(extra.clone(), "a batch body has only the `events` member"));
+        }
+        let Value::Array(items) = events else {
+            return Err(ApiError::bad_request("events", "`events` must be an array"));
+        };
+        if items.is_empty() {
+            return Err(ApiError::bad_request("events", "`events` must hold at least one event"));
+        }
+        if items.len() > max_events {
+            return Err(ApiError::new(
+                crate::error::ErrorKind::PayloadTooLarge,
+                format!("a batch holds at most {max_events} events; this one has {}", items.len()),
+            )
+            .with_field("events"));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                Value::Object(m) => out.push(m),
+                _ => return Err(ApiError::bad_request(format!("events[{i}]"), "each event must be an object")),
+            }
+        }
+        Ok(ParsedBody { events: out, batch: true })
+    } else {
+        Ok(ParsedBody { events: vec![obj], batch: false })
+    }
+}
+
+fn opt_string(
+    obj: &mut Map<String, Value>,
+    name: &str,
+    prefix: &str,
+    max: usize,
+) -> Result<Option<String>, ApiError> {
+    match obj.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= max => Ok(Some(s)),
+        Some(Value::String(_)) => {
+            Err(ApiError::bad_request(format!("{prefix}{name}"), format!("`{name}` must be 1 to {max} characters")))
+        }
+        Some(_) => Err(ApiError::bad_request(format!("{prefix}{name}"), format!("`{name}` must be a string"))),
+    }
+}
+
+/// Validates one event and turns it into a record. `prefix` is `events[i].` in a batch.
+pub fn validate_event(
+    mut obj: Map<String, Value>,
+    prefix: &str,
+    tenant_id: TenantId,
+    received_at_ms: i64,
+) -> Result<EventRecord, ApiError> {
+    let event_type = match obj.remove("type") {
+        Some(Value::String(t)) if valid_type(&t) => t,
+        Some(Value::String(_)) => {
+            return Err(ApiError::bad_request(
+                format!("{prefix}type"),
+                "`type` must be 1-128 characters of [A-Za-z0-9_.:-] with no empty dot-separated part",
+            ))
+        }
+        Some(_) => return Err(ApiError::bad_request(format!("{prefix}type"), "`type` must be a string")),
+        None => return Err(ApiError::bad_request(format!("{prefix}type"), "`type` is required")),
+    };
+    let payload = match obj.remove("payload") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => {
+            let d = 1 + m.values().map(depth).max().unwrap_or(0);
+            if d > MAX_PAYLOAD_DEPTH {
+                return Err(ApiError::bad_request(
+                    format!("{prefix}payload"),
+                    format!("`payload` nests {d} levels deep; the limit is {MAX_PAYLOAD_DEPTH}"),
+                ));
+            }
+            m
+        }
+        Some(_) => return Err(ApiError::bad_request(format!("{prefix}payload"), "`payload` must be an object")),
+    };
+    let id = match obj.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if valid_name(&s) => Some(s),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                format!("{prefix}id"),
+                "`id` must be 1-128 characters of [A-Za-z0-9_.:-]",
+            ))
+        }
+    };
+    let occurred_at_ms = match obj.remove("occurred_at") {
+        None | Some(Value::Null) => received_at_ms,
+        Some(Value::String(s)) => match parse_time(&s) {
+            Some(ms) if (0..=253_402_300_799_999).contains(&ms) => ms,
+            _ => {
+                return Err(ApiError::bad_request(
+                    format!("{prefix}occurred_at"),
+                    "`occurred_at` must be an RFC 3339 timestamp between 1970 and 9999, e.g. 2026-01-31T12:00:00Z",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                format!("{prefix}occurred_at"),
+                "`occurred_at` must be an RFC 3339 timestamp string",
+            ))
+        }
+    };
+    let source = opt_string(&mut obj, "source", prefix, MAX_ATTR_LEN)?;
+    let user_id = opt_string(&mut obj, "user_id", prefix, MAX_ATTR_LEN)?;
+    let session_id = opt_string(&mut obj, "session_id", prefix, MAX_ATTR_LEN)?;
+    if let Some(unknown) = obj.keys().next() {
+        return Err(ApiError::bad_request(
+            format!("{prefix}{unknown}"),
+            format!("unknown field `{unknown}`; event fields are type, payload, id, source, occurred_at, user_id, session_id"),
+        ));
+    }
+    let (id, idempotency_key) = match id {
+        Some(id) => (id.clone(), Some(format!("id:{id}"))),
+        None => (Uuid::now_v7().to_string(), None),
+    };
+    Ok(EventRecord {
+        id,
+        tenant_id,
+        event_type,
+        payload,
+        source,
+        user_id,
+        session_id,
+        occurred_at_ms,
+        received_at_ms,
+        idempotency_key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn type_charset_and_length() {
+        assert!(valid_type("payment.failed"));
+        assert!(valid_type("a:b-c_d"));
+        assert!(!valid_type(""));
+        assert!(!valid_type("payment..failed"));
+        assert!(!valid_type(".x"));
+        assert!(!valid_type("has space"));
+        assert!(!valid_type("wild.*"));
+        assert!(valid_type(&"a".repeat(128)));
+        assert!(!valid_type(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let t = Uuid::now_v7();
+        let e = validate_event(obj(json!({"payload": {}})), "events[2].", t, 0).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("events[2].type"));
+        let e = validate_event(obj(json!({"type": "a", "payload": [1]})), "", t, 0).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("payload"));
+        let e = validate_event(obj(json!({"type": "a", "occurred_at": "yesterday"})), "", t, 0).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("occurred_at"));
+        let e = validate_event(obj(json!({"type": "a", "colour": 1})), "", t, 0).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("colour"));
+    }
+
+    #[test]
+    fn nesting_limit_is_exact() {
+        let t = Uuid::now_v7();
+        let mut v = json!(1);
+        for _ in 0..31 {
+            v = json!({ "a": v });
+        }
+        // `v` is 31 levels of objects; the payload object around it makes 32: the limit.
+        let ok = json!({"type": "a", "payload": {"a": v.clone()}});
+        assert!(validate_event(obj(ok), "", t, 0).is_ok());
+        let too_deep = json!({"type": "a", "payload": {"a": {"a": v}}});
+        let e = validate_event(obj(too_deep), "", t, 0).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("payload"));
+    }
+
+    #[test]
+    fn producer_id_becomes_idempotency_key() {
+        let t = Uuid::now_v7();
+        let r = validate_event(obj(json!({"type": "a", "id": "ord-1"})), "", t, 5).unwrap();
+        assert_eq!(r.id, "ord-1");
+        assert_eq!(r.idempotency_key.as_deref(), Some("id:ord-1"));
+        assert_eq!(r.occurred_at_ms, 5);
+        let r = validate_event(obj(json!({"type": "a", "occurred_at": "2026-01-02T03:04:05.678Z"})), "", t, 5).unwrap();
+        assert_eq!(format_ms(r.occurred_at_ms), "2026-01-02T03:04:05.678Z");
+        assert!(r.idempotency_key.is_none());
+        assert_eq!(Uuid::parse_str(&r.id).map(|u| u.get_version_num()).ok(), Some(7));
+    }
+
+    #[test]
+    fn batch_limits() {
+        let many = json!({"events": (0..3).map(|_| json!({"type": "a"})).collect::<Vec<_>>()});
+        assert_eq!(split_body(many.clone(), 3).map(|b| b.events.len()).ok(), Some(3));
+        let e = split_body(many, 2).err().unwrap();
+        assert_eq!(e.status().as_u16(), 413);
+        assert!(split_body(json!({"events": []}), 2).is_err());
+        assert!(split_body(json!([1]), 2).is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! Start-up and shutdown of one node.
+//!
+//! Start: (dev) supervised nats-server → NATS connection → event stream → store → control
+//! plane (Raft) → (dev) credentials → partition owners, NATS ingest, idempotency purge →
+//! HTTP. Shutdown, in order: stop HTTP intake and finish in-flight requests, stop NATS
+//! intake, stop partition owners between batches (acks of stored batches complete), stop Raft,
+//! flush NATS, stop the supervised nats-server; the stores close when dropped.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::cluster::ControlPlane;
+use crate::config::Config;
+use crate::eventlog::EventLog;
+use crate::ingest::Ingestor;
+use crate::natsd::{self, NatsServer};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::EventStore;
+use crate::{dev, nats_ingest, processor, telemetry};
+
+/// How the node gets its NATS and its credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `signalops dev`: supervise a local nats-server and create a dev tenant on first start.
+    Dev,
+    /// `signalops node`: use the external NATS at `nats.url`; `admin_token` is required.
+    Node,
+}
+
+pub async fn run(
+    cfg: Config,
+    mode: Mode,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let metrics = telemetry::prometheus();
+
+    let nats_server = match mode {
+        Mode::Dev => {
+            let bin = natsd::find_binary(cfg.nats.server_bin.as_deref())?;
+            Some(NatsServer::start(&bin, &cfg.data_dir, cfg.nats.port).await?)
+        }
+        Mode::Node => None,
+    };
+    let url = nats_server.as_ref().map(|s| s.url.clone()).unwrap_or_else(|| cfg.nats.url.clone());
+    let result = serve(cfg, mode, listener, shutdown, &url, metrics).await;
+    if let Some(server) = nats_server {
+        server.stop().await;
+    }
+    result
+}
+
+async fn serve(
+    cfg: Config,
+    mode: Mode,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    url: &str,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("signalops-node-{}", cfg.node_id))
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    let publish_timeout = Duration::from_millis(cfg.ingest.publish_timeout_ms);
+    let log = EventLog::open(client.clone(), &cfg.stream, publish_timeout).await?;
+    let window_ms = (cfg.ingest.idempotency_window_secs as i64).saturating_mul(1000);
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("events.redb"), window_ms)?);
+
+    let cancel = CancellationToken::new();
+    let control = ControlPlane::start(cfg.node_id, &cfg.data_dir, client.clone(), cancel.child_token()).await?;
+
+    let admin_token = match mode {
+        Mode::Dev => {
+            let creds = dev::ensure(&control, &cfg.data_dir, cfg.admin_token.as_deref()).await?;
+            println!("SignalOps dev node");
+            println!("  HTTP        http://{}", listener.local_addr()?);
+            println!("  NATS        {url}");
+            println!("  tenant_id   {}", creds.tenant_id);
+            println!("  api_key     {}", creds.api_key);
+            println!("  admin_token {}", creds.admin_token);
+            println!("  saved in    {}", cfg.data_dir.join(dev::CREDENTIALS_FILE).display());
+            creds.admin_token
+        }
+        Mode::Node => cfg
+            .admin_token
+            .clone()
+            .context("admin_token is required for `signalops node` (config file or SIGNALOPS_ADMIN_TOKEN)")?,
+    };
+
+    let ingestor = Ingestor::new(log.clone(), store.clone(), cfg.ingest.clone());
+    let tracker = TaskTracker::new();
+    let intake = CancellationToken::new();
+    processor::spawn_all(&log, store.clone(), &tracker, cancel.clone());
+    {
+        let (client, control, ingestor, intake) = (client.clone(), control.clone(), ingestor.clone(), intake.clone());
+        let subject = cfg.ingest.nats_subject.clone();
+        tracker.spawn(async move {
+            if let Err(e) = nats_ingest::serve(client, subject, control, ingestor, intake).await {
+                tracing::error!(error = %e, "NATS ingest stopped");
+            }
+        });
+    }
+    {
+        let (store, cancel) = (store.clone(), cancel.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match store.purge_idempotency(crate::model::now_ms()).await {
+                    Ok(n) if n > 0 => tracing::info!(removed = n, "expired idempotency records purged"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "idempotency purge failed"),
+                }
+            }
+        });
+    }
+    tracker.close();
+
+    let state = AppState {
+        control: control.clone(),
+        ingestor,
+        store: store.clone(),
+        log,
+        nats: client.clone(),
+        metrics,
+        admin_digest: Arc::new(crate::auth::digest(&admin_token)),
+    };
+    tracing::info!(addr = %listener.local_addr()?, node_id = cfg.node_id, "serving HTTP");
+    let http_intake = intake.clone();
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: stopping intake");
+            http_intake.cancel();
+        })
+        .await;
+    intake.cancel();
+    cancel.cancel();
+    if tokio::time::timeout(Duration::from_secs(20), tracker.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within 20 s");
+    }
+    control.shutdown().await;
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "NATS flush on shutdown");
+    }
+    served.context("HTTP server")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,151 @@
+//! Behaviour every [`EventStore`] backend must show. Backend tests call [`run_all`].
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{EventQuery, EventStore};
+use crate::model::{EventRecord, LogPosition, StoredEvent, TenantId};
+
+/// The idempotency window the suite expects the backend under test to be opened with.
+pub const WINDOW_MS: i64 = 60_000;
+
+pub fn event(tenant: TenantId, event_type: &str, id: &str, occurred_at_ms: i64) -> StoredEvent {
+    StoredEvent {
+        record: EventRecord {
+            id: id.to_string(),
+            tenant_id: tenant,
+            event_type: event_type.to_string(),
+            payload: json!({"n": occurred_at_ms}).as_object().cloned().unwrap_or_default(),
+            source: Some("conformance".into()),
+            user_id: None,
+            session_id: None,
+            occurred_at_ms,
+            received_at_ms: occurred_at_ms,
+            idempotency_key: None,
+        },
+        position: LogPosition { partition: 0, sequence: occurred_at_ms as u64 },
+    }
+}
+
+pub async fn run_all(store: &dyn EventStore) {
+    upsert_by_id(store).await;
+    newest_first_paging(store).await;
+    time_range_and_type(store).await;
+    tenant_isolation(store).await;
+    idempotency_records(store).await;
+    store.check().await.unwrap();
+}
+
+async fn upsert_by_id(store: &dyn EventStore) {
+    let t = Uuid::now_v7();
+    let first = store.store_batch(vec![event(t, "a", "x1", 100), event(t, "a", "x2", 100)], 100).await.unwrap();
+    assert_eq!((first.stored, first.skipped), (2, 0));
+    // A redelivered event, even with other content, stores once and keeps the first version.
+    let mut again = event(t, "a", "x1", 500);
+    again.record.payload.insert("changed".into(), json!(true));
+    let second = store.store_batch(vec![again], 600).await.unwrap();
+    assert_eq!((second.stored, second.skipped), (0, 1));
+    let got = store.get_event(t, "x1").await.unwrap().unwrap();
+    assert_eq!(got.record.occurred_at_ms, 100);
+    assert!(!got.record.payload.contains_key("changed"));
+    let page = store.query(t, EventQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(page.events.len(), 2);
+}
+
+async fn newest_first_paging(store: &dyn EventStore) {
+    let t = Uuid::now_v7();
+    // Spread over several days so pages cross day buckets; two events share a millisecond.
+    let day = 86_400_000;
+    let mut batch = Vec::new();
+    for i in 0..25i64 {
+        batch.push(event(t, "p", &format!("e{i:02}"), 1_000 + i * day / 3));
+    }
+    batch.push(event(t, "p", "e24b", 1_000 + 24 * day / 3));
+    store.store_batch(batch, 0).await.unwrap();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.query(t, EventQuery { limit: 7, after: after.clone(), ..Default::default() }).await.unwrap();
+        assert!(page.events.len() <= 7);
+        seen.extend(page.events.iter().map(|e| e.record.id.clone()));
+        match page.next {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 26, "every event exactly once across pages: {seen:?}");
+    assert_eq!(seen[0], "e24b");
+    assert_eq!(seen[1], "e24");
+    assert_eq!(seen[25], "e00");
+    let mut sorted = seen.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 26);
+}
+
+async fn time_range_and_type(store: &dyn EventStore) {
+    let t = Uuid::now_v7();
+    let mut batch = Vec::new();
+    for i in 0..10i64 {
+        let ty = if i % 2 == 0 { "even.n" } else { "odd.n" };
+        batch.push(event(t, ty, &format!("r{i}"), 10_000 + i * 1000));
+    }
+    store.store_batch(batch, 0).await.unwrap();
+    let q = EventQuery { from_ms: Some(12_000), to_ms: Some(16_000), limit: 100, ..Default::default() };
+    let ids: Vec<_> = store.query(t, q).await.unwrap().events.into_iter().map(|e| e.record.id).collect();
+    assert_eq!(ids, ["r5", "r4", "r3", "r2"], "from is inclusive, to exclusive");
+    let q = EventQuery { event_type: Some("even.n".into()), limit: 2, ..Default::default() };
+    let page = store.query(t, q.clone()).await.unwrap();
+    let ids: Vec<_> = page.events.iter().map(|e| e.record.id.as_str()).collect();
+    assert_eq!(ids, ["r8", "r6"]);
+    let page2 = store.query(t, EventQuery { after: page.next, ..q }).await.unwrap();
+    let ids: Vec<_> = page2.events.iter().map(|e| e.record.id.as_str()).collect();
+    assert_eq!(ids, ["r4", "r2"]);
+    let q = EventQuery { event_type: Some("odd.n".into()), from_ms: Some(13_000), to_ms: Some(17_001), limit: 10, ..Default::default() };
+    let ids: Vec<_> = store.query(t, q).await.unwrap().events.into_iter().map(|e| e.record.id).collect();
+    assert_eq!(ids, ["r7", "r5", "r3"]);
+    let q = EventQuery { event_type: Some("odd".into()), limit: 10, ..Default::default() };
+    assert!(store.query(t, q).await.unwrap().events.is_empty(), "type filter is exact");
+}
+
+async fn tenant_isolation(store: &dyn EventStore) {
+    let a = Uuid::now_v7();
+    let b = Uuid::now_v7();
+    store.store_batch(vec![event(a, "s", "same-id", 5), event(b, "s", "same-id", 6)], 0).await.unwrap();
+    assert_eq!(store.get_event(a, "same-id").await.unwrap().unwrap().record.tenant_id, a);
+    assert_eq!(store.get_event(b, "same-id").await.unwrap().unwrap().record.tenant_id, b);
+    let c = Uuid::now_v7();
+    assert!(store.get_event(c, "same-id").await.unwrap().is_none());
+    for (t, n) in [(a, 1), (b, 1), (c, 0)] {
+        let page = store.query(t, EventQuery { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(page.events.len(), n);
+        assert!(page.events.iter().all(|e| e.record.tenant_id == t));
+        let typed = EventQuery { event_type: Some("s".into()), limit: 10, ..Default::default() };
+        assert_eq!(store.query(t, typed).await.unwrap().events.len(), n);
+    }
+}
+
+async fn idempotency_records(store: &dyn EventStore) {
+    let t = Uuid::now_v7();
+    let other = Uuid::now_v7();
+    let mut first = event(t, "k", "id-1", 1_000);
+    first.record.idempotency_key = Some("key:order-7".into());
+    store.store_batch(vec![first], 1_000).await.unwrap();
+    assert_eq!(store.find_idempotent(t, "key:order-7", 2_000).await.unwrap().as_deref(), Some("id-1"));
+    assert_eq!(store.find_idempotent(other, "key:order-7", 2_000).await.unwrap(), None);
+    assert_eq!(store.find_idempotent(t, "id:id-1", 2_000).await.unwrap().as_deref(), Some("id-1"));
+    assert_eq!(store.find_idempotent(t, "id:nope", 2_000).await.unwrap(), None);
+    // A second event published under the same key (a retry after the log's dedup window) is
+    // not stored while the record lives.
+    let mut retry = event(t, "k", "id-2", 1_500);
+    retry.record.idempotency_key = Some("key:order-7".into());
+    let o = store.store_batch(vec![retry.clone()], 1_500).await.unwrap();
+    assert_eq!((o.stored, o.skipped), (0, 1));
+    assert!(store.get_event(t, "id-2").await.unwrap().is_none());
+    // Past the window the record is gone from lookups and from the table after a purge.
+    let late = 1_000 + WINDOW_MS + 1;
+    assert_eq!(store.find_idempotent(t, "key:order-7", late).await.unwrap(), None);
+    assert!(store.purge_idempotency(late).await.unwrap() >= 1);
+    let o = store.store_batch(vec![retry], late).await.unwrap();
+    assert_eq!(o.stored, 1);
+}

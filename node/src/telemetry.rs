@@ -1,0 +1,63 @@
+//! Metric names (one place, `signalops_` prefix, units in the suffix), the Prometheus recorder,
+//! and log setup.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Ingest requests, labels `transport` (http|nats) and `outcome` (ok|status code).
+pub const INGEST_REQUESTS: &str = "signalops_ingest_requests_total";
+/// Ingested events, labels `transport` and `outcome` (accepted|duplicate|rejected|failed).
+pub const INGEST_EVENTS: &str = "signalops_ingest_events_total";
+/// Time from request received to response, label `transport`.
+pub const INGEST_DURATION: &str = "signalops_ingest_duration_seconds";
+/// Time from first publish to last JetStream ack of one request.
+pub const PUBLISH_DURATION: &str = "signalops_jetstream_publish_duration_seconds";
+/// Messages not yet processed per partition (consumer pending), label `partition`.
+pub const CONSUMER_LAG: &str = "signalops_consumer_lag";
+/// Events written to the store for the first time.
+pub const EVENTS_STORED: &str = "signalops_events_stored_total";
+/// Redelivered or re-published events skipped by the store.
+pub const EVENTS_SKIPPED: &str = "signalops_events_skipped_total";
+/// Log messages a partition owner could not decode, label `reason`.
+pub const EVENTS_UNDECODABLE: &str = "signalops_events_undecodable_total";
+/// Failures of plain (no reply subject) NATS ingest publishes, label `status`.
+pub const NATS_PUBLISH_FAILURES: &str = "signalops_nats_ingest_failures_total";
+/// Failed store writes by partition owners (retried).
+pub const STORE_ERRORS: &str = "signalops_store_errors_total";
+/// Time from event accepted to stored.
+pub const ACCEPT_TO_STORE: &str = "signalops_accept_to_store_seconds";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Sets up `tracing` with `RUST_LOG`-style filtering (default `info`), text or JSON lines.
+pub fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,async_nats=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let result = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+    if result.is_err() {
+        tracing::debug!("logging was already initialised");
+    }
+}
