@@ -58,10 +58,7 @@ pub fn tenant_for(control: &ControlPlane, key: Option<&str>) -> Result<Tenant, A
         return Err(ApiError::unauthorized("an API key is required: `Authorization: Bearer <key>` or `x-api-key`"));
     };
     let view = control.read();
-    let tenant = view
-        .key_by_digest(&digest(key))
-        .and_then(|k| view.state.tenants.get(&k.tenant_id))
-        .cloned();
+    let tenant = view.key_by_digest(&digest(key)).and_then(|k| view.state.tenants.get(&k.tenant_id)).cloned();
     tenant.ok_or_else(|| ApiError::unauthorized("the API key is unknown or revoked"))
 }
 

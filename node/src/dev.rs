@@ -30,8 +30,8 @@ pub async fn ensure(
     let path = data_dir.join(CREDENTIALS_FILE);
     if path.exists() {
         let text = std::fs::read_to_string(&path)?;
-        let mut creds: DevCredentials = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not valid: {e}", path.display()))?;
+        let mut creds: DevCredentials =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not valid: {e}", path.display()))?;
         let valid = {
             let view = control.read();
             view.key_by_digest(&digest(&creds.api_key)).is_some_and(|k| k.tenant_id == creds.tenant_id)

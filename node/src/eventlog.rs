@@ -71,7 +71,11 @@ pub enum Published {
 
 impl EventLog {
     /// Creates the stream if missing (with this config's partition count) and opens it.
-    pub async fn open(client: async_nats::Client, cfg: &StreamConfig, ack_timeout: Duration) -> Result<EventLog, LogError> {
+    pub async fn open(
+        client: async_nats::Client,
+        cfg: &StreamConfig,
+        ack_timeout: Duration,
+    ) -> Result<EventLog, LogError> {
         let mut js = jetstream::new(client);
         js.set_timeout(ack_timeout);
         let config = stream::Config {

@@ -62,13 +62,14 @@ impl Encoding {
 
     pub fn decode(self, body: &[u8]) -> Result<Value, ApiError> {
         match self {
-            Encoding::Json => serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request("", format!("malformed JSON: {e}"))),
+            Encoding::Json => {
+                serde_json::from_slice(body).map_err(|e| ApiError::bad_request("", format!("malformed JSON: {e}")))
+            }
             Encoding::MessagePack => {
                 let mut de = rmp_serde::Deserializer::new(body);
                 let v: Value = serde::Deserialize::deserialize(&mut de)
                     .map_err(|e| ApiError::bad_request("", format!("malformed MessagePack: {e}")))?;
-                if (de.get_ref().len()) != 0 {
+                if !de.get_ref().is_empty() {
                     return Err(ApiError::bad_request("", "malformed MessagePack: trailing bytes after the body"));
                 }
                 Ok(v)
@@ -93,7 +94,8 @@ impl RateLimits {
                 Ok(m) => m,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            let entry = map.entry(tenant).or_insert_with(|| (0, Arc::new(RateLimiter::direct(Quota::per_second(per_sec)))));
+            let entry =
+                map.entry(tenant).or_insert_with(|| (0, Arc::new(RateLimiter::direct(Quota::per_second(per_sec)))));
             if entry.0 != rate {
                 *entry = (rate, Arc::new(RateLimiter::direct(Quota::per_second(per_sec))));
             }
@@ -158,7 +160,8 @@ impl Ingestor {
         let started = Instant::now();
         let transport = req.transport;
         let result = self.ingest_inner(req).await;
-        metrics::histogram!(telemetry::INGEST_DURATION, "transport" => transport).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::INGEST_DURATION, "transport" => transport)
+            .record(started.elapsed().as_secs_f64());
         match &result {
             Ok(r) => {
                 metrics::counter!(telemetry::INGEST_REQUESTS, "transport" => transport, "outcome" => "ok").increment(1);
@@ -202,8 +205,7 @@ impl Ingestor {
             let mut rec = model::validate_event(obj, &prefix, tenant.id, now)?;
             if rec.idempotency_key.is_none() {
                 if let Some(k) = req.idempotency_key {
-                    rec.idempotency_key =
-                        Some(if parsed.batch { format!("key:{k}#{i}") } else { format!("key:{k}") });
+                    rec.idempotency_key = Some(if parsed.batch { format!("key:{k}#{i}") } else { format!("key:{k}") });
                 }
             }
             records.push(rec);

@@ -172,12 +172,7 @@ pub fn split_body(body: Value, max_events: usize) -> Result<ParsedBody, ApiError
     }
 }
 
-fn opt_string(
-    obj: &mut Map<String, Value>,
-    name: &str,
-    prefix: &str,
-    max: usize,
-) -> Result<Option<String>, ApiError> {
+fn opt_string(obj: &mut Map<String, Value>, name: &str, prefix: &str, max: usize) -> Result<Option<String>, ApiError> {
     match obj.remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() && s.len() <= max => Ok(Some(s)),

@@ -68,7 +68,7 @@ async fn run_partition(
                 filter_subject: format!("events.{partition}.>"),
                 ack_policy: AckPolicy::All,
                 deliver_policy: DeliverPolicy::All,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: Duration::from_secs(10),
                 max_ack_pending: 20_000,
                 ..Default::default()
             },
@@ -112,7 +112,12 @@ async fn run_partition(
                 }
             };
             match rmp_serde::from_slice::<EventRecord>(&msg.payload) {
-                Ok(record) if msg.subject.as_str().starts_with(&format!("events.{partition}.{}.", record.tenant_id.hyphenated())) => {
+                Ok(record)
+                    if msg
+                        .subject
+                        .as_str()
+                        .starts_with(&format!("events.{partition}.{}.", record.tenant_id.hyphenated())) =>
+                {
                     oldest_received = oldest_received.min(record.received_at_ms);
                     events.push(StoredEvent { record, position: LogPosition { partition, sequence: seq } });
                 }

@@ -33,10 +33,9 @@ pub struct CreateTenant {
 
 fn control_error(e: ControlError) -> ApiError {
     match e {
-        ControlError::NotLeader { leader } => ApiError::unavailable(
-            format!("this node is not the control-plane leader (leader: {leader:?}); retry"),
-            1,
-        ),
+        ControlError::NotLeader { leader } => {
+            ApiError::unavailable(format!("this node is not the control-plane leader (leader: {leader:?}); retry"), 1)
+        }
         other => ApiError::internal("control plane write", &other),
     }
 }
@@ -50,7 +49,13 @@ pub async fn create_tenant_with_key(
     let now = now_ms();
     let tenant = Tenant { id: Uuid::now_v7(), name: name.to_string(), created_at_ms: now, limits };
     let key = generate_key();
-    let record = ApiKey { key_id: key.key_id, tenant_id: tenant.id, digest: key.digest, created_at_ms: now, revoked_at_ms: None };
+    let record = ApiKey {
+        key_id: key.key_id,
+        tenant_id: tenant.id,
+        digest: key.digest,
+        created_at_ms: now,
+        revoked_at_ms: None,
+    };
     match control.propose(Command::CreateTenant { tenant: tenant.clone(), key: record }).await.map_err(control_error)? {
         CommandResult::Done => Ok((tenant, key.key)),
         CommandResult::TenantNameTaken => {
@@ -72,13 +77,18 @@ async fn create_tenant(
     let Json(req) = body.map_err(|e| ApiError::bad_request("", e.body_text()))?;
     let name = match req.name {
         Some(serde_json::Value::String(n)) if !n.trim().is_empty() && n.len() <= 128 => n.trim().to_string(),
-        Some(serde_json::Value::String(_)) => return Err(ApiError::bad_request("name", "`name` must be 1 to 128 characters")),
+        Some(serde_json::Value::String(_)) => {
+            return Err(ApiError::bad_request("name", "`name` must be 1 to 128 characters"))
+        }
         Some(_) => return Err(ApiError::bad_request("name", "`name` must be a string")),
         None => return Err(ApiError::bad_request("name", "`name` is required")),
     };
     let limits = req.limits.unwrap_or_default();
     if limits.events_per_second == Some(0) {
-        return Err(ApiError::bad_request("limits.events_per_second", "must be positive (omit it for the node default)"));
+        return Err(ApiError::bad_request(
+            "limits.events_per_second",
+            "must be positive (omit it for the node default)",
+        ));
     }
     let (tenant, key) = create_tenant_with_key(&state.control, &name, limits).await?;
     let mut body = tenant_json(&tenant);
@@ -107,11 +117,10 @@ async fn create_key(State(state): State<AppState>, _: Operator, Path(id): Path<S
         revoked_at_ms: None,
     };
     match state.control.propose(Command::CreateApiKey { key: record }).await.map_err(control_error)? {
-        CommandResult::Done => Ok((
-            StatusCode::CREATED,
-            Json(json!({"key_id": key.key_id, "tenant_id": tenant_id, "api_key": key.key})),
-        )
-            .into_response()),
+        CommandResult::Done => {
+            Ok((StatusCode::CREATED, Json(json!({"key_id": key.key_id, "tenant_id": tenant_id, "api_key": key.key})))
+                .into_response())
+        }
         CommandResult::TenantNotFound => Err(ApiError::not_found(format!("no tenant `{id}`"))),
         other => Err(ApiError::internal("create key", &format!("{other:?}"))),
     }

@@ -99,7 +99,10 @@ async fn list(
     }
     let after = match &p.cursor {
         None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::bad_request("cursor", "`cursor` is not a cursor from this API"))?),
+        Some(c) => Some(
+            decode_cursor(c)
+                .ok_or_else(|| ApiError::bad_request("cursor", "`cursor` is not a cursor from this API"))?,
+        ),
     };
     let query = EventQuery {
         event_type: p.event_type.clone(),

@@ -24,7 +24,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let store = state.store.check().await.is_ok();
     let control = state.control.has_leader();
     let ready = nats && stream && store && control;
-    let body = json!({"ready": ready, "checks": {"nats": nats, "stream": stream, "store": store, "control_plane": control}});
+    let body =
+        json!({"ready": ready, "checks": {"nats": nats, "stream": stream, "store": store, "control_plane": control}});
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }

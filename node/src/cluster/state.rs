@@ -42,9 +42,18 @@ pub struct ApiKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// A tenant with its first API key, created together.
-    CreateTenant { tenant: Tenant, key: ApiKey },
-    CreateApiKey { key: ApiKey },
-    RevokeApiKey { tenant_id: TenantId, key_id: String, at_ms: i64 },
+    CreateTenant {
+        tenant: Tenant,
+        key: ApiKey,
+    },
+    CreateApiKey {
+        key: ApiKey,
+    },
+    RevokeApiKey {
+        tenant_id: TenantId,
+        key_id: String,
+        at_ms: i64,
+    },
 }
 
 /// What applying a command did.
@@ -106,17 +115,15 @@ impl ControlView {
                 self.insert_key(key.clone());
                 CommandResult::Done
             }
-            Command::RevokeApiKey { tenant_id, key_id, at_ms } => {
-                match self.state.keys.get_mut(key_id) {
-                    Some(k) if k.tenant_id == *tenant_id => {
-                        if k.revoked_at_ms.is_none() {
-                            k.revoked_at_ms = Some(*at_ms);
-                        }
-                        CommandResult::Done
+            Command::RevokeApiKey { tenant_id, key_id, at_ms } => match self.state.keys.get_mut(key_id) {
+                Some(k) if k.tenant_id == *tenant_id => {
+                    if k.revoked_at_ms.is_none() {
+                        k.revoked_at_ms = Some(*at_ms);
                     }
-                    _ => CommandResult::KeyNotFound,
+                    CommandResult::Done
                 }
-            }
+                _ => CommandResult::KeyNotFound,
+            },
         }
     }
 
@@ -141,7 +148,10 @@ mod tests {
         let other = Uuid::now_v7();
         let mut v = ControlView::default();
         let tenant = Tenant { id: t, name: "acme".into(), created_at_ms: 1, limits: Default::default() };
-        assert_eq!(v.apply(&Command::CreateTenant { tenant: tenant.clone(), key: key("k1", t, "d1") }), CommandResult::Done);
+        assert_eq!(
+            v.apply(&Command::CreateTenant { tenant: tenant.clone(), key: key("k1", t, "d1") }),
+            CommandResult::Done
+        );
         assert_eq!(
             v.apply(&Command::CreateTenant { tenant: Tenant { id: other, ..tenant }, key: key("k2", other, "d2") }),
             CommandResult::TenantNameTaken

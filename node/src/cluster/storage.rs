@@ -5,6 +5,9 @@
 //! The state machine writes its state in the same transaction as the applied log id, so a
 //! restart resumes exactly where it stopped.
 
+// openraft's storage traits fix `StorageError` as the error type; helpers return it as is.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -37,7 +40,10 @@ fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(b)
 }
 
-fn io<E: std::error::Error + 'static>(f: fn(&openraft::AnyError) -> StorageIOError<NodeId>, e: E) -> StorageError<NodeId> {
+fn io<E: std::error::Error + 'static>(
+    f: fn(&openraft::AnyError) -> StorageIOError<NodeId>,
+    e: E,
+) -> StorageError<NodeId> {
     f(&openraft::AnyError::new(&e)).into()
 }
 
@@ -61,7 +67,11 @@ pub fn open_db(path: &std::path::Path) -> Result<Arc<Database>, redb::Error> {
     Ok(Arc::new(db))
 }
 
-fn get_meta<T: DeserializeOwned>(db: &Database, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<T>, StorageError<NodeId>> {
+fn get_meta<T: DeserializeOwned>(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+) -> Result<Option<T>, StorageError<NodeId>> {
     let tx = db.begin_read().map_err(|e| io(read_err, e))?;
     let t = tx.open_table(table).map_err(|e| io(read_err, e))?;
     match t.get(key).map_err(|e| io(read_err, e))? {

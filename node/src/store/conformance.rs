@@ -101,7 +101,13 @@ async fn time_range_and_type(store: &dyn EventStore) {
     let page2 = store.query(t, EventQuery { after: page.next, ..q }).await.unwrap();
     let ids: Vec<_> = page2.events.iter().map(|e| e.record.id.as_str()).collect();
     assert_eq!(ids, ["r4", "r2"]);
-    let q = EventQuery { event_type: Some("odd.n".into()), from_ms: Some(13_000), to_ms: Some(17_001), limit: 10, ..Default::default() };
+    let q = EventQuery {
+        event_type: Some("odd.n".into()),
+        from_ms: Some(13_000),
+        to_ms: Some(17_001),
+        limit: 10,
+        ..Default::default()
+    };
     let ids: Vec<_> = store.query(t, q).await.unwrap().events.into_iter().map(|e| e.record.id).collect();
     assert_eq!(ids, ["r7", "r5", "r3"]);
     let q = EventQuery { event_type: Some("odd".into()), limit: 10, ..Default::default() };

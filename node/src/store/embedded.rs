@@ -195,9 +195,7 @@ fn query_sync(db: &Database, tenant: TenantId, q: EventQuery) -> Result<EventPag
         None => {
             let lower = time_prefix(&tenant, from);
             let upper = match (&q.after, q.to_ms) {
-                (Some(c), to) if to.is_none_or(|t| c.occurred_at_ms < t) => {
-                    event_key(&tenant, c.occurred_at_ms, &c.id)
-                }
+                (Some(c), to) if to.is_none_or(|t| c.occurred_at_ms < t) => event_key(&tenant, c.occurred_at_ms, &c.id),
                 (_, Some(to)) => time_prefix(&tenant, to),
                 (_, None) => {
                     let mut k = tenant.as_bytes().to_vec();
