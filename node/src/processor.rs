@@ -95,7 +95,6 @@ async fn run_partition(
         };
         let mut events = Vec::with_capacity(batch.len());
         let mut last = None;
-        let mut oldest_received = i64::MAX;
         for item in batch {
             let msg = match item {
                 Ok(m) => m,
@@ -118,7 +117,6 @@ async fn run_partition(
                         .as_str()
                         .starts_with(&format!("events.{partition}.{}.", record.tenant_id.hyphenated())) =>
                 {
-                    oldest_received = oldest_received.min(record.received_at_ms);
                     events.push(StoredEvent { record, position: LogPosition { partition, sequence: seq } });
                 }
                 Ok(_) => {
@@ -133,15 +131,17 @@ async fn run_partition(
             last = Some(msg);
         }
         let Some(last) = last else { continue };
+        let events: Arc<[StoredEvent]> = events.into();
         let mut backoff = Duration::from_millis(50);
         loop {
             match store.store_batch(events.clone(), now_ms()).await {
                 Ok(outcome) => {
                     metrics::counter!(telemetry::EVENTS_STORED).increment(outcome.stored as u64);
                     metrics::counter!(telemetry::EVENTS_SKIPPED).increment(outcome.skipped as u64);
-                    if oldest_received != i64::MAX {
-                        let lag_ms = (now_ms() - oldest_received).max(0);
-                        metrics::histogram!(telemetry::ACCEPT_TO_STORE).record(lag_ms as f64 / 1000.0);
+                    let stored_at = now_ms();
+                    let latency = metrics::histogram!(telemetry::ACCEPT_TO_STORE);
+                    for ev in events.iter() {
+                        latency.record((stored_at - ev.record.received_at_ms).max(0) as f64 / 1000.0);
                     }
                     break;
                 }

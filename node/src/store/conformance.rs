@@ -39,12 +39,12 @@ pub async fn run_all(store: &dyn EventStore) {
 
 async fn upsert_by_id(store: &dyn EventStore) {
     let t = Uuid::now_v7();
-    let first = store.store_batch(vec![event(t, "a", "x1", 100), event(t, "a", "x2", 100)], 100).await.unwrap();
+    let first = store.store_batch(vec![event(t, "a", "x1", 100), event(t, "a", "x2", 100)].into(), 100).await.unwrap();
     assert_eq!((first.stored, first.skipped), (2, 0));
     // A redelivered event, even with other content, stores once and keeps the first version.
     let mut again = event(t, "a", "x1", 500);
     again.record.payload.insert("changed".into(), json!(true));
-    let second = store.store_batch(vec![again], 600).await.unwrap();
+    let second = store.store_batch(vec![again].into(), 600).await.unwrap();
     assert_eq!((second.stored, second.skipped), (0, 1));
     let got = store.get_event(t, "x1").await.unwrap().unwrap();
     assert_eq!(got.record.occurred_at_ms, 100);
@@ -62,7 +62,7 @@ async fn newest_first_paging(store: &dyn EventStore) {
         batch.push(event(t, "p", &format!("e{i:02}"), 1_000 + i * day / 3));
     }
     batch.push(event(t, "p", "e24b", 1_000 + 24 * day / 3));
-    store.store_batch(batch, 0).await.unwrap();
+    store.store_batch(batch.into(), 0).await.unwrap();
     let mut seen = Vec::new();
     let mut after = None;
     loop {
@@ -90,7 +90,7 @@ async fn time_range_and_type(store: &dyn EventStore) {
         let ty = if i % 2 == 0 { "even.n" } else { "odd.n" };
         batch.push(event(t, ty, &format!("r{i}"), 10_000 + i * 1000));
     }
-    store.store_batch(batch, 0).await.unwrap();
+    store.store_batch(batch.into(), 0).await.unwrap();
     let q = EventQuery { from_ms: Some(12_000), to_ms: Some(16_000), limit: 100, ..Default::default() };
     let ids: Vec<_> = store.query(t, q).await.unwrap().events.into_iter().map(|e| e.record.id).collect();
     assert_eq!(ids, ["r5", "r4", "r3", "r2"], "from is inclusive, to exclusive");
@@ -117,7 +117,7 @@ async fn time_range_and_type(store: &dyn EventStore) {
 async fn tenant_isolation(store: &dyn EventStore) {
     let a = Uuid::now_v7();
     let b = Uuid::now_v7();
-    store.store_batch(vec![event(a, "s", "same-id", 5), event(b, "s", "same-id", 6)], 0).await.unwrap();
+    store.store_batch(vec![event(a, "s", "same-id", 5), event(b, "s", "same-id", 6)].into(), 0).await.unwrap();
     assert_eq!(store.get_event(a, "same-id").await.unwrap().unwrap().record.tenant_id, a);
     assert_eq!(store.get_event(b, "same-id").await.unwrap().unwrap().record.tenant_id, b);
     let c = Uuid::now_v7();
@@ -136,7 +136,7 @@ async fn idempotency_records(store: &dyn EventStore) {
     let other = Uuid::now_v7();
     let mut first = event(t, "k", "id-1", 1_000);
     first.record.idempotency_key = Some("key:order-7".into());
-    store.store_batch(vec![first], 1_000).await.unwrap();
+    store.store_batch(vec![first].into(), 1_000).await.unwrap();
     assert_eq!(store.find_idempotent(t, "key:order-7", 2_000).await.unwrap().as_deref(), Some("id-1"));
     assert_eq!(store.find_idempotent(other, "key:order-7", 2_000).await.unwrap(), None);
     assert_eq!(store.find_idempotent(t, "id:id-1", 2_000).await.unwrap().as_deref(), Some("id-1"));
@@ -145,13 +145,13 @@ async fn idempotency_records(store: &dyn EventStore) {
     // not stored while the record lives.
     let mut retry = event(t, "k", "id-2", 1_500);
     retry.record.idempotency_key = Some("key:order-7".into());
-    let o = store.store_batch(vec![retry.clone()], 1_500).await.unwrap();
+    let o = store.store_batch(vec![retry.clone()].into(), 1_500).await.unwrap();
     assert_eq!((o.stored, o.skipped), (0, 1));
     assert!(store.get_event(t, "id-2").await.unwrap().is_none());
     // Past the window the record is gone from lookups and from the table after a purge.
     let late = 1_000 + WINDOW_MS + 1;
     assert_eq!(store.find_idempotent(t, "key:order-7", late).await.unwrap(), None);
     assert!(store.purge_idempotency(late).await.unwrap() >= 1);
-    let o = store.store_batch(vec![retry], late).await.unwrap();
+    let o = store.store_batch(vec![retry].into(), late).await.unwrap();
     assert_eq!(o.stored, 1);
 }

@@ -116,7 +116,7 @@ impl EmbeddedStore {
 fn store_batch_sync(
     db: &Database,
     window_ms: i64,
-    events: Vec<StoredEvent>,
+    events: &[StoredEvent],
     now_ms: i64,
 ) -> Result<StoreOutcome, StoreError> {
     let tx = db.begin_write().map_err(StoreError::backend)?;
@@ -148,7 +148,7 @@ fn store_batch_sync(
                 }
                 _ => None,
             };
-            let value = rmp_serde::to_vec_named(&ev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let value = rmp_serde::to_vec_named(ev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let ms = r.occurred_at_ms;
             events_t
                 .insert(event_key(&r.tenant_id, ms, &r.id).as_slice(), value.as_slice())
@@ -265,11 +265,11 @@ fn query_sync(db: &Database, tenant: TenantId, q: EventQuery) -> Result<EventPag
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
-    async fn store_batch(&self, events: Vec<StoredEvent>, now_ms: i64) -> Result<StoreOutcome, StoreError> {
+    async fn store_batch(&self, events: Arc<[StoredEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError> {
         if events.is_empty() {
             return Ok(StoreOutcome::default());
         }
-        self.blocking(move |db, window| store_batch_sync(db, window, events, now_ms)).await
+        self.blocking(move |db, window| store_batch_sync(db, window, &events, now_ms)).await
     }
 
     async fn get_event(&self, tenant: TenantId, id: &str) -> Result<Option<StoredEvent>, StoreError> {
@@ -356,7 +356,7 @@ mod tests {
         {
             let store = EmbeddedStore::open(&path, 1000).unwrap();
             let ev = super::super::conformance::event(tenant, "a.b", "e1", 10);
-            store.store_batch(vec![ev], 10).await.unwrap();
+            store.store_batch(vec![ev].into(), 10).await.unwrap();
         }
         let store = EmbeddedStore::open(&path, 1000).unwrap();
         assert!(store.get_event(tenant, "e1").await.unwrap().is_some());

@@ -1,0 +1,184 @@
+//! Ingest benchmark: raw JetStream pipelined publish vs HTTP batch ingest through a node, and
+//! end to end (accepted → stored), all against one nats-server in one run.
+//!
+//! Run: `cargo bench -p signalops-node --bench ingest` (env: BENCH_EVENTS, BENCH_BATCH,
+//! BENCH_CONCURRENCY). Prints figures; asserts nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/it/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use futures::stream::{FuturesUnordered, StreamExt};
+use harness::{eventually, test_config, Api, Nats, TestNode};
+use serde_json::{json, Value};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn sample_event(i: usize) -> Value {
+    json!({"type": "payment.failed", "source": "bench",
+           "payload": {"amount": 120.5, "currency": "EUR", "card": "4242", "merchant": format!("m-{}", i % 97), "attempt": i % 3}})
+}
+
+async fn raw_jetstream(url: &str, n: usize, in_flight: usize, body: &[u8]) -> f64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = jetstream::new(client);
+    let _ = js.delete_stream("BENCH_RAW").await;
+    js.create_stream(stream::Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let payload = bytes::Bytes::copy_from_slice(body);
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        if pending.len() >= in_flight {
+            let ack: Result<_, _> = pending.next().await.unwrap();
+            ack.unwrap();
+        }
+        pending.push(js.publish(format!("bench.raw.{}", i % 16), payload.clone()).await.unwrap().into_future());
+    }
+    while let Some(ack) = pending.next().await {
+        ack.unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    js.delete_stream("BENCH_RAW").await.unwrap();
+    rate
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Upper bound of the bucket holding quantile `q` of a Prometheus histogram.
+fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    buckets.iter().find(|b| b.1 >= q * total).map(|b| b.0).unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let n = env("BENCH_EVENTS", 200_000);
+    let batch = env("BENCH_BATCH", 500);
+    let concurrency = env("BENCH_CONCURRENCY", 8);
+    let nats = Nats::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(&nats.url, data.path());
+    cfg.stream.partitions = 16;
+    cfg.ingest.max_body_bytes = 8 * 1024 * 1024;
+    let node = TestNode::start(cfg).await;
+    let (_, api) = Api::admin(&node).create_tenant("bench", None).await;
+
+    // The same bytes the node publishes per event, for a like-for-like raw baseline.
+    let record = signalops::model::validate_event(
+        sample_event(1).as_object().unwrap().clone(),
+        "",
+        uuid::Uuid::now_v7(),
+        signalops::model::now_ms(),
+    )
+    .unwrap();
+    let body = rmp_serde::to_vec_named(&record).unwrap();
+    let raw = raw_jetstream(&nats.url, n, 4096, &body).await;
+
+    let remaining = Arc::new(AtomicUsize::new(n));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let api = api.clone();
+        let remaining = remaining.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut sent = 0usize;
+            loop {
+                let take = remaining.fetch_sub(batch, Ordering::SeqCst);
+                if take == 0 || take > n {
+                    remaining.store(0, Ordering::SeqCst);
+                    break;
+                }
+                let k = take.min(batch);
+                let events: Vec<Value> = (0..k).map(|i| sample_event(sent + i)).collect();
+                let body = serde_json::to_vec(&json!({ "events": events })).unwrap();
+                let t = Instant::now();
+                let r = api
+                    .http
+                    .post(format!("{}/v1/events", api.base))
+                    .bearer_auth(&api.token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                let _ = r.bytes().await.unwrap();
+                latencies.push(t.elapsed());
+                sent += k;
+                if take <= batch {
+                    break;
+                }
+            }
+            (sent, latencies)
+        }));
+    }
+    let mut accepted = 0;
+    let mut latencies = Vec::new();
+    for w in workers {
+        let (sent, l) = w.await.unwrap();
+        accepted += sent;
+        latencies.extend(l);
+    }
+    let ingest_secs = started.elapsed().as_secs_f64();
+    let metrics_url = format!("{}/metrics", node.base);
+    let text = eventually(120, "all events stored", || {
+        let url = metrics_url.clone();
+        async move {
+            let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+            (metric(&text, "signalops_events_stored_total") >= accepted as f64).then_some(text)
+        }
+    })
+    .await;
+    let e2e_secs = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let ingest = accepted as f64 / ingest_secs;
+    println!("SignalOps ingest benchmark: {accepted} events of {} B (MessagePack in the log), batches of {batch}, {concurrency} HTTP clients, 16 partitions", body.len());
+    println!("raw JetStream publish (pipelined, 4096 in flight)  {raw:>10.0} events/s");
+    println!("HTTP batch ingest (2xx = JetStream acked)          {ingest:>10.0} events/s  ({:.0}% of raw)", 100.0 * ingest / raw);
+    println!("  request latency p50 {:?}  p99 {:?}", pct(0.50), pct(0.99));
+    println!("end to end (first request -> last event stored)    {:>10.0} events/s", accepted as f64 / e2e_secs);
+    println!(
+        "accepted -> stored latency: p50 <= {} s, p99 <= {} s (histogram bucket bounds)",
+        histogram_quantile(&text, "signalops_accept_to_store_seconds", 0.5),
+        histogram_quantile(&text, "signalops_accept_to_store_seconds", 0.99)
+    );
+    node.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
