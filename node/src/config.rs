@@ -166,3 +166,34 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `config.default.toml` documents every key: it must parse and equal the built-in defaults.
+    #[test]
+    fn default_file_matches_defaults() {
+        let text = include_str!("../../config.default.toml");
+        let from_file: Config = Figment::from(Toml::string(text)).extract().unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&defaults).unwrap()
+        );
+        from_file.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let mut c = Config::default();
+        c.stream.partitions = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.admin_token = Some("short".into());
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.log_format = "yaml".into();
+        assert!(c.validate().is_err());
+    }
+}
