@@ -19,6 +19,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use harness::{eventually, test_config, Api, Nats, TestNode};
 use serde_json::{json, Value};
 
+// The same allocator as the `signalops` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -171,7 +175,10 @@ async fn run() {
     let ingest = accepted as f64 / ingest_secs;
     println!("SignalOps ingest benchmark: {accepted} events of {} B (MessagePack in the log), batches of {batch}, {concurrency} HTTP clients, 16 partitions", body.len());
     println!("raw JetStream publish (pipelined, 4096 in flight)  {raw:>10.0} events/s");
-    println!("HTTP batch ingest (2xx = JetStream acked)          {ingest:>10.0} events/s  ({:.0}% of raw)", 100.0 * ingest / raw);
+    println!(
+        "HTTP batch ingest (2xx = JetStream acked)          {ingest:>10.0} events/s  ({:.0}% of raw)",
+        100.0 * ingest / raw
+    );
     println!("  request latency p50 {:?}  p99 {:?}", pct(0.50), pct(0.99));
     println!("end to end (first request -> last event stored)    {:>10.0} events/s", accepted as f64 / e2e_secs);
     println!(

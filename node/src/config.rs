@@ -177,10 +177,7 @@ mod tests {
         let text = include_str!("../../config.default.toml");
         let from_file: Config = Figment::from(Toml::string(text)).extract().unwrap();
         let defaults = Config::default();
-        assert_eq!(
-            serde_json::to_value(&from_file).unwrap(),
-            serde_json::to_value(&defaults).unwrap()
-        );
+        assert_eq!(serde_json::to_value(&from_file).unwrap(), serde_json::to_value(&defaults).unwrap());
         from_file.validate().unwrap();
     }
 
@@ -189,11 +186,9 @@ mod tests {
         let mut c = Config::default();
         c.stream.partitions = 0;
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.admin_token = Some("short".into());
+        let c = Config { admin_token: Some("short".into()), ..Default::default() };
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.log_format = "yaml".into();
+        let c = Config { log_format: "yaml".into(), ..Default::default() };
         assert!(c.validate().is_err());
     }
 }

@@ -57,6 +57,66 @@ pub struct StoredEvent {
     pub position: LogPosition,
 }
 
+/// An event as it travels from the log to the store: the record's MessagePack bytes exactly
+/// as the log holds them, plus the fields the store keys on. Partition owners decode only
+/// those fields (the payload is skipped, not built), and the store keeps the bytes as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedEvent {
+    pub tenant_id: TenantId,
+    pub id: String,
+    pub event_type: String,
+    pub occurred_at_ms: i64,
+    pub received_at_ms: i64,
+    pub idempotency_key: Option<String>,
+    pub position: LogPosition,
+    /// MessagePack [`EventRecord`].
+    pub record: bytes::Bytes,
+}
+
+#[derive(Deserialize)]
+struct EventKeys {
+    id: String,
+    tenant_id: TenantId,
+    #[serde(rename = "type")]
+    event_type: String,
+    occurred_at_ms: i64,
+    received_at_ms: i64,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+impl EncodedEvent {
+    /// Reads the key fields of a log message body.
+    pub fn from_log(record: bytes::Bytes, position: LogPosition) -> Result<Self, rmp_serde::decode::Error> {
+        let k: EventKeys = rmp_serde::from_slice(&record)?;
+        Ok(EncodedEvent {
+            tenant_id: k.tenant_id,
+            id: k.id,
+            event_type: k.event_type,
+            occurred_at_ms: k.occurred_at_ms,
+            received_at_ms: k.received_at_ms,
+            idempotency_key: k.idempotency_key,
+            position,
+            record,
+        })
+    }
+
+    /// Encodes a record the way the log does.
+    pub fn from_record(record: &EventRecord, position: LogPosition) -> Result<Self, rmp_serde::encode::Error> {
+        let bytes = rmp_serde::to_vec_named(record)?;
+        Ok(EncodedEvent {
+            tenant_id: record.tenant_id,
+            id: record.id.clone(),
+            event_type: record.event_type.clone(),
+            occurred_at_ms: record.occurred_at_ms,
+            received_at_ms: record.received_at_ms,
+            idempotency_key: record.idempotency_key.clone(),
+            position,
+            record: bytes.into(),
+        })
+    }
+}
+
 /// The JSON shape of a stored event in API responses.
 #[derive(Debug, Serialize)]
 pub struct EventView<'a> {
@@ -334,6 +394,23 @@ mod tests {
         assert_eq!(format_ms(r.occurred_at_ms), "2026-01-02T03:04:05.678Z");
         assert!(r.idempotency_key.is_none());
         assert_eq!(Uuid::parse_str(&r.id).map(|u| u.get_version_num()).ok(), Some(7));
+    }
+
+    #[test]
+    fn log_bytes_yield_the_key_fields() {
+        let t = Uuid::now_v7();
+        let mut r =
+            validate_event(obj(json!({"type": "a.b", "id": "e-1", "payload": {"deep": {"x": [1, 2]}}})), "", t, 7)
+                .unwrap();
+        r.source = Some("s".into());
+        let pos = LogPosition { partition: 3, sequence: 9 };
+        let enc = EncodedEvent::from_record(&r, pos).unwrap();
+        let back = EncodedEvent::from_log(enc.record.clone(), pos).unwrap();
+        assert_eq!(back, enc);
+        assert_eq!((back.id.as_str(), back.event_type.as_str(), back.tenant_id), ("e-1", "a.b", t));
+        assert_eq!(back.idempotency_key.as_deref(), Some("id:e-1"));
+        let decoded: EventRecord = rmp_serde::from_slice(&back.record).unwrap();
+        assert_eq!(decoded, r);
     }
 
     #[test]

@@ -68,13 +68,16 @@ async fn serve(
     url: &str,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("signalops-node-{}", cfg.node_id))
-        .connect(url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    // Two connections: one carries ingest publishes and their acks, the other consumption,
+    // Raft and the NATS ingest subscription, so neither direction queues behind the other.
+    let connect = |role: &str| {
+        async_nats::ConnectOptions::new().name(format!("signalops-node-{}-{role}", cfg.node_id)).connect(url)
+    };
+    let client = connect("main").await.with_context(|| format!("cannot connect to NATS at {url}"))?;
+    let publisher = connect("ingest").await.with_context(|| format!("cannot connect to NATS at {url}"))?;
     let publish_timeout = Duration::from_millis(cfg.ingest.publish_timeout_ms);
     let log = EventLog::open(client.clone(), &cfg.stream, publish_timeout).await?;
+    let ingest_log = EventLog::open(publisher.clone(), &cfg.stream, publish_timeout).await?;
     let window_ms = (cfg.ingest.idempotency_window_secs as i64).saturating_mul(1000);
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("events.redb"), window_ms)?);
 
@@ -99,7 +102,7 @@ async fn serve(
             .context("admin_token is required for `signalops node` (config file or SIGNALOPS_ADMIN_TOKEN)")?,
     };
 
-    let ingestor = Ingestor::new(log.clone(), store.clone(), cfg.ingest.clone());
+    let ingestor = Ingestor::new(ingest_log, store.clone(), cfg.ingest.clone());
     let tracker = TaskTracker::new();
     let intake = CancellationToken::new();
     processor::spawn_all(&log, store.clone(), &tracker, cancel.clone());
@@ -155,8 +158,10 @@ async fn serve(
         tracing::warn!("background tasks did not stop within 20 s");
     }
     control.shutdown().await;
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "NATS flush on shutdown");
+    for c in [&client, &publisher] {
+        if let Err(e) = c.flush().await {
+            tracing::warn!(error = %e, "NATS flush on shutdown");
+        }
     }
     served.context("HTTP server")?;
     tracing::info!("stopped");

@@ -5,27 +5,32 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{EventQuery, EventStore};
-use crate::model::{EventRecord, LogPosition, StoredEvent, TenantId};
+use crate::model::{EncodedEvent, EventRecord, LogPosition, TenantId};
 
 /// The idempotency window the suite expects the backend under test to be opened with.
 pub const WINDOW_MS: i64 = 60_000;
 
-pub fn event(tenant: TenantId, event_type: &str, id: &str, occurred_at_ms: i64) -> StoredEvent {
-    StoredEvent {
-        record: EventRecord {
-            id: id.to_string(),
-            tenant_id: tenant,
-            event_type: event_type.to_string(),
-            payload: json!({"n": occurred_at_ms}).as_object().cloned().unwrap_or_default(),
-            source: Some("conformance".into()),
-            user_id: None,
-            session_id: None,
-            occurred_at_ms,
-            received_at_ms: occurred_at_ms,
-            idempotency_key: None,
-        },
-        position: LogPosition { partition: 0, sequence: occurred_at_ms as u64 },
+pub fn record(tenant: TenantId, event_type: &str, id: &str, occurred_at_ms: i64) -> EventRecord {
+    EventRecord {
+        id: id.to_string(),
+        tenant_id: tenant,
+        event_type: event_type.to_string(),
+        payload: json!({"n": occurred_at_ms}).as_object().cloned().unwrap_or_default(),
+        source: Some("conformance".into()),
+        user_id: None,
+        session_id: None,
+        occurred_at_ms,
+        received_at_ms: occurred_at_ms,
+        idempotency_key: None,
     }
+}
+
+pub fn encode(r: &EventRecord) -> EncodedEvent {
+    EncodedEvent::from_record(r, LogPosition { partition: 1, sequence: r.occurred_at_ms as u64 }).unwrap()
+}
+
+pub fn event(tenant: TenantId, event_type: &str, id: &str, occurred_at_ms: i64) -> EncodedEvent {
+    encode(&record(tenant, event_type, id, occurred_at_ms))
 }
 
 pub async fn run_all(store: &dyn EventStore) {
@@ -42,13 +47,15 @@ async fn upsert_by_id(store: &dyn EventStore) {
     let first = store.store_batch(vec![event(t, "a", "x1", 100), event(t, "a", "x2", 100)].into(), 100).await.unwrap();
     assert_eq!((first.stored, first.skipped), (2, 0));
     // A redelivered event, even with other content, stores once and keeps the first version.
-    let mut again = event(t, "a", "x1", 500);
-    again.record.payload.insert("changed".into(), json!(true));
-    let second = store.store_batch(vec![again].into(), 600).await.unwrap();
+    let mut again = record(t, "a", "x1", 500);
+    again.payload.insert("changed".into(), json!(true));
+    let second = store.store_batch(vec![encode(&again)].into(), 600).await.unwrap();
     assert_eq!((second.stored, second.skipped), (0, 1));
     let got = store.get_event(t, "x1").await.unwrap().unwrap();
     assert_eq!(got.record.occurred_at_ms, 100);
     assert!(!got.record.payload.contains_key("changed"));
+    assert_eq!(got.record, record(t, "a", "x1", 100), "the stored record reads back whole");
+    assert_eq!(got.position, LogPosition { partition: 1, sequence: 100 });
     let page = store.query(t, EventQuery { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(page.events.len(), 2);
 }
@@ -134,17 +141,18 @@ async fn tenant_isolation(store: &dyn EventStore) {
 async fn idempotency_records(store: &dyn EventStore) {
     let t = Uuid::now_v7();
     let other = Uuid::now_v7();
-    let mut first = event(t, "k", "id-1", 1_000);
-    first.record.idempotency_key = Some("key:order-7".into());
-    store.store_batch(vec![first].into(), 1_000).await.unwrap();
+    let mut first = record(t, "k", "id-1", 1_000);
+    first.idempotency_key = Some("key:order-7".into());
+    store.store_batch(vec![encode(&first)].into(), 1_000).await.unwrap();
     assert_eq!(store.find_idempotent(t, "key:order-7", 2_000).await.unwrap().as_deref(), Some("id-1"));
     assert_eq!(store.find_idempotent(other, "key:order-7", 2_000).await.unwrap(), None);
     assert_eq!(store.find_idempotent(t, "id:id-1", 2_000).await.unwrap().as_deref(), Some("id-1"));
     assert_eq!(store.find_idempotent(t, "id:nope", 2_000).await.unwrap(), None);
     // A second event published under the same key (a retry after the log's dedup window) is
     // not stored while the record lives.
-    let mut retry = event(t, "k", "id-2", 1_500);
-    retry.record.idempotency_key = Some("key:order-7".into());
+    let mut retry = record(t, "k", "id-2", 1_500);
+    retry.idempotency_key = Some("key:order-7".into());
+    let retry = encode(&retry);
     let o = store.store_batch(vec![retry.clone()].into(), 1_500).await.unwrap();
     assert_eq!((o.stored, o.skipped), (0, 1));
     assert!(store.get_event(t, "id-2").await.unwrap().is_none());

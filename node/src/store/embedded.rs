@@ -1,7 +1,8 @@
 //! The embedded backend: one redb file under the data dir, for a single node and for tests.
 //!
 //! Tables (all keys are byte strings, big-endian numbers so byte order is time order):
-//! - `events`:  tenant(16) | day(4) | occurred_ms(8) | id  →  MessagePack [`StoredEvent`]
+//! - `events`:  tenant(16) | day(4) | occurred_ms(8) | id  →  partition(4) | sequence(8) | MessagePack record
+//!   (the record bytes exactly as the log carries them)
 //! - `by_id`:   tenant(16) | id                             →  occurred_ms(8)
 //! - `by_type`: tenant(16) | len(1) | type | occurred_ms(8) | id  →  ()
 //! - `idem`:    tenant(16) | key                            →  recorded_ms(8) | event id
@@ -15,7 +16,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{EventPage, EventQuery, EventStore, PageCursor, StoreError, StoreOutcome};
-use crate::model::{StoredEvent, TenantId};
+use crate::model::{EncodedEvent, LogPosition, StoredEvent, TenantId};
 
 const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
 const BY_ID: TableDefinition<&[u8], &[u8]> = TableDefinition::new("by_id");
@@ -84,7 +85,11 @@ fn type_key(tenant: &TenantId, event_type: &str, ms: i64, id: &str) -> Vec<u8> {
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredEvent, StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    let corrupt = || StoreError::Corrupt("event value shorter than its header".into());
+    let partition = u32::from_be_bytes(bytes.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    let sequence = u64::from_be_bytes(bytes.get(4..12).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    let record = rmp_serde::from_slice(&bytes[12..]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(StoredEvent { record, position: LogPosition { partition, sequence } })
 }
 
 impl EmbeddedStore {
@@ -116,7 +121,7 @@ impl EmbeddedStore {
 fn store_batch_sync(
     db: &Database,
     window_ms: i64,
-    events: &[StoredEvent],
+    events: &[EncodedEvent],
     now_ms: i64,
 ) -> Result<StoreOutcome, StoreError> {
     let tx = db.begin_write().map_err(StoreError::backend)?;
@@ -126,8 +131,7 @@ fn store_batch_sync(
         let mut by_id = tx.open_table(BY_ID).map_err(StoreError::backend)?;
         let mut by_type = tx.open_table(BY_TYPE).map_err(StoreError::backend)?;
         let mut idem = tx.open_table(IDEM).map_err(StoreError::backend)?;
-        for ev in events {
-            let r = &ev.record;
+        for r in events {
             let id_key = tenant_key(&r.tenant_id, &r.id);
             if by_id.get(id_key.as_slice()).map_err(StoreError::backend)?.is_some() {
                 outcome.skipped += 1;
@@ -148,7 +152,10 @@ fn store_batch_sync(
                 }
                 _ => None,
             };
-            let value = rmp_serde::to_vec_named(ev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let mut value = Vec::with_capacity(12 + r.record.len());
+            value.extend_from_slice(&r.position.partition.to_be_bytes());
+            value.extend_from_slice(&r.position.sequence.to_be_bytes());
+            value.extend_from_slice(&r.record);
             let ms = r.occurred_at_ms;
             events_t
                 .insert(event_key(&r.tenant_id, ms, &r.id).as_slice(), value.as_slice())
@@ -265,7 +272,7 @@ fn query_sync(db: &Database, tenant: TenantId, q: EventQuery) -> Result<EventPag
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
-    async fn store_batch(&self, events: Arc<[StoredEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError> {
+    async fn store_batch(&self, events: Arc<[EncodedEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError> {
         if events.is_empty() {
             return Ok(StoreOutcome::default());
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::model::{StoredEvent, TenantId};
+use crate::model::{EncodedEvent, StoredEvent, TenantId};
 
 /// A failure of the storage backend. It keeps its cause for the log.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub struct StoreOutcome {
 pub trait EventStore: Send + Sync + 'static {
     /// Stores a batch atomically. Events whose id is already stored for their tenant, or whose
     /// `key:` idempotency key has a live record, are skipped.
-    async fn store_batch(&self, events: Arc<[StoredEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError>;
+    async fn store_batch(&self, events: Arc<[EncodedEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError>;
 
     /// One event by id, only within the tenant.
     async fn get_event(&self, tenant: TenantId, id: &str) -> Result<Option<StoredEvent>, StoreError>;

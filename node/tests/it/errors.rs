@@ -4,18 +4,8 @@ use serde_json::{json, Value};
 use crate::harness::{Api, Setup};
 
 async fn raw(api: &Api, content_type: &str, body: Vec<u8>) -> (StatusCode, Option<String>, Value) {
-    let r = api
-        .http
-        .post(format!("{}/v1/events", api.base))
-        .bearer_auth(&api.token)
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
-    (status, ct, r.json().await.unwrap_or(Value::Null))
+    let (status, headers, v) = api.post_raw("/v1/events", &[("content-type", content_type)], body).await;
+    (status, headers.get("content-type").map(|v| v.to_str().unwrap().to_string()), v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

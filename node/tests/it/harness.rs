@@ -191,6 +191,26 @@ impl Api {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST with extra headers and a raw body; returns status, headers and the JSON body.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        let (status, h) = (r.status(), r.headers().clone());
+        (status, h, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> StatusCode {
+        self.http.delete(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await.unwrap().status()
+    }
+
     /// Creates a tenant and returns (tenant_id, api client for it).
     pub async fn create_tenant(&self, name: &str, limits: Option<Value>) -> (String, Api) {
         let mut body = json!({ "name": name });

@@ -6,17 +6,9 @@ use serde_json::{json, Value};
 use crate::harness::{Api, Setup};
 
 async fn post_with_key(api: &Api, key: &str, body: &Value) -> (StatusCode, Value) {
-    let r = api
-        .http
-        .post(format!("{}/v1/events", api.base))
-        .bearer_auth(&api.token)
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap())
+    let headers = [("Idempotency-Key", key), ("content-type", "application/json")];
+    let (status, _, v) = api.post_raw("/v1/events", &headers, serde_json::to_vec(body).unwrap()).await;
+    (status, v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
