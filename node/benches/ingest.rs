@@ -71,6 +71,11 @@ fn metric(text: &str, name: &str) -> f64 {
 
 /// Upper bound of the bucket holding quantile `q` of a Prometheus histogram.
 fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
+    quantile(&buckets(text, name), q)
+}
+
+/// Cumulative (upper bound, count) pairs of a Prometheus histogram, sorted.
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{name}_bucket")))
@@ -81,8 +86,83 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
     buckets.iter().find(|b| b.1 >= q * total).map(|b| b.0).unwrap_or(f64::NAN)
+}
+
+/// Sends `rate` events/s (requests of 100 events) for `secs` seconds; returns the
+/// accepted -> stored p50 and p99 bucket bounds of the events of this phase.
+async fn paced(api: &Api, metrics_url: &str, rate: f64, secs: f64, offset: usize) -> (f64, f64, usize) {
+    const PER_REQUEST: usize = 100;
+    let before = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
+    let stored_before = metric(&before, "signalops_events_stored_total");
+    let requests = (rate * secs / PER_REQUEST as f64).round() as usize;
+    let bodies: Vec<bytes::Bytes> = (0..requests)
+        .map(|r| {
+            let events: Vec<Value> = (0..PER_REQUEST).map(|i| sample_event(offset + r * PER_REQUEST + i)).collect();
+            bytes::Bytes::from(serde_json::to_vec(&json!({ "events": events })).unwrap())
+        })
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(PER_REQUEST as f64 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut inflight = FuturesUnordered::new();
+    for body in bodies {
+        tick.tick().await;
+        let api = api.clone();
+        inflight.push(tokio::spawn(async move {
+            let r = api
+                .http
+                .post(format!("{}/v1/events", api.base))
+                .bearer_auth(&api.token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }));
+        while inflight.len() > 256 {
+            inflight.next().await;
+        }
+    }
+    while inflight.next().await.is_some() {}
+    let sent = requests * PER_REQUEST;
+    let after = eventually(120, "paced events stored", || async {
+        let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
+        (metric(&text, "signalops_events_stored_total") >= stored_before + sent as f64).then_some(text)
+    })
+    .await;
+    let b0 = buckets(&before, "signalops_accept_to_store_seconds");
+    let b1 = buckets(&after, "signalops_accept_to_store_seconds");
+    let diff: Vec<(f64, f64)> = b1.iter().zip(b0.iter()).map(|(a, b)| (a.0, a.1 - b.1)).collect();
+    (quantile(&diff, 0.5), quantile(&diff, 0.99), sent)
+}
+
+/// The embedded store alone: batches of `batch` events, one durable commit each.
+async fn store_only(n: usize, batch: usize, record: &signalops::model::EventRecord) -> f64 {
+    use signalops::model::{EncodedEvent, LogPosition};
+    use signalops::store::{embedded::EmbeddedStore, EventStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("events.redb"), 86_400_000).unwrap();
+    let started = Instant::now();
+    let mut seq = 0u64;
+    while (seq as usize) < n {
+        let events: Vec<EncodedEvent> = (0..batch)
+            .map(|_| {
+                seq += 1;
+                let mut r = record.clone();
+                r.id = uuid::Uuid::now_v7().to_string();
+                r.occurred_at_ms += seq as i64;
+                EncodedEvent::from_record(&r, LogPosition { partition: 0, sequence: seq }).unwrap()
+            })
+            .collect();
+        store.store_batch(events.into(), 0).await.unwrap();
+    }
+    seq as f64 / started.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -112,42 +192,46 @@ async fn run() {
     .unwrap();
     let body = rmp_serde::to_vec_named(&record).unwrap();
     let raw = raw_jetstream(&nats.url, n, 4096, &body).await;
+    let store_rate = store_only(n / 2, batch, &record).await;
 
-    let remaining = Arc::new(AtomicUsize::new(n));
+    // Request bodies are built before the clock starts, so the load generator's JSON work is
+    // not charged to the node.
+    let bodies: Arc<Vec<bytes::Bytes>> = Arc::new(
+        (0..n.div_ceil(batch))
+            .map(|b| {
+                let k = batch.min(n - b * batch);
+                let events: Vec<Value> = (0..k).map(|i| sample_event(b * batch + i)).collect();
+                bytes::Bytes::from(serde_json::to_vec(&json!({ "events": events })).unwrap())
+            })
+            .collect(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let api = api.clone();
-        let remaining = remaining.clone();
+        let bodies = bodies.clone();
+        let next = next.clone();
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut sent = 0usize;
             loop {
-                let take = remaining.fetch_sub(batch, Ordering::SeqCst);
-                if take == 0 || take > n {
-                    remaining.store(0, Ordering::SeqCst);
-                    break;
-                }
-                let k = take.min(batch);
-                let events: Vec<Value> = (0..k).map(|i| sample_event(sent + i)).collect();
-                let body = serde_json::to_vec(&json!({ "events": events })).unwrap();
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(body) = bodies.get(i) else { break };
                 let t = Instant::now();
                 let r = api
                     .http
                     .post(format!("{}/v1/events", api.base))
                     .bearer_auth(&api.token)
                     .header("content-type", "application/json")
-                    .body(body)
+                    .body(body.clone())
                     .send()
                     .await
                     .unwrap();
                 assert_eq!(r.status(), 202);
-                let _ = r.bytes().await.unwrap();
+                let v: Value = r.json().await.unwrap();
+                sent += v["accepted"].as_u64().unwrap() as usize;
                 latencies.push(t.elapsed());
-                sent += k;
-                if take <= batch {
-                    break;
-                }
             }
             (sent, latencies)
         }));
@@ -174,6 +258,7 @@ async fn run() {
     let pct = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let ingest = accepted as f64 / ingest_secs;
     println!("SignalOps ingest benchmark: {accepted} events of {} B (MessagePack in the log), batches of {batch}, {concurrency} HTTP clients, 16 partitions", body.len());
+    println!("embedded store alone (batches of {batch}, one durable commit each) {store_rate:>8.0} events/s");
     println!("raw JetStream publish (pipelined, 4096 in flight)  {raw:>10.0} events/s");
     println!(
         "HTTP batch ingest (2xx = JetStream acked)          {ingest:>10.0} events/s  ({:.0}% of raw)",
@@ -186,6 +271,13 @@ async fn run() {
         histogram_quantile(&text, "signalops_accept_to_store_seconds", 0.5),
         histogram_quantile(&text, "signalops_accept_to_store_seconds", 0.99)
     );
+    println!("sustained load (requests of 100 events, 5 s each): accepted -> stored latency bucket bounds");
+    let mut offset = n;
+    for share in [0.25, 0.5, 0.75, 1.0] {
+        let rate = (ingest * share / 1000.0).round() * 1000.0;
+        let (p50, p99, sent) = paced(&api, &metrics_url, rate, 5.0, offset).await;
+        offset += sent;
+        println!("  {rate:>8.0} events/s offered: p50 <= {p50} s, p99 <= {p99} s");
+    }
     node.stop().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
