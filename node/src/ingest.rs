@@ -216,22 +216,28 @@ impl Ingestor {
     }
 
     async fn publish(&self, records: Vec<EventRecord>, now: i64) -> Result<IngestResponse, ApiError> {
-        // Long-window deduplication against the store's durable records.
+        // Long-window deduplication against the store's durable records, one lookup per request.
+        let keyed: Vec<usize> = (0..records.len()).filter(|&i| records[i].idempotency_key.is_some()).collect();
+        let keys: Vec<String> = keyed.iter().filter_map(|&i| records[i].idempotency_key.clone()).collect();
+        let mut first_ids: Vec<Option<String>> = vec![None; records.len()];
+        if let Some(tenant) = records.first().map(|r| r.tenant_id) {
+            let found = self
+                .inner
+                .store
+                .find_idempotent(tenant, keys, now)
+                .await
+                .map_err(|e| ApiError::internal("idempotency lookup", &e))?;
+            for (i, id) in keyed.into_iter().zip(found) {
+                first_ids[i] = id;
+            }
+        }
         let mut statuses: Vec<Option<EventStatus>> = Vec::with_capacity(records.len());
         let mut to_publish = Vec::with_capacity(records.len());
         let mut slots = Vec::with_capacity(records.len());
-        for (i, rec) in records.into_iter().enumerate() {
-            if let Some(key) = &rec.idempotency_key {
-                let found = self
-                    .inner
-                    .store
-                    .find_idempotent(rec.tenant_id, key, now)
-                    .await
-                    .map_err(|e| ApiError::internal("idempotency lookup", &e))?;
-                if let Some(first_id) = found {
-                    statuses.push(Some(EventStatus { id: first_id, status: "duplicate".into() }));
-                    continue;
-                }
+        for (i, (rec, first)) in records.into_iter().zip(first_ids).enumerate() {
+            if let Some(first_id) = first {
+                statuses.push(Some(EventStatus { id: first_id, status: "duplicate".into() }));
+                continue;
             }
             statuses.push(None);
             slots.push(i);

@@ -144,10 +144,11 @@ async fn idempotency_records(store: &dyn EventStore) {
     let mut first = record(t, "k", "id-1", 1_000);
     first.idempotency_key = Some("key:order-7".into());
     store.store_batch(vec![encode(&first)].into(), 1_000).await.unwrap();
-    assert_eq!(store.find_idempotent(t, "key:order-7", 2_000).await.unwrap().as_deref(), Some("id-1"));
-    assert_eq!(store.find_idempotent(other, "key:order-7", 2_000).await.unwrap(), None);
-    assert_eq!(store.find_idempotent(t, "id:id-1", 2_000).await.unwrap().as_deref(), Some("id-1"));
-    assert_eq!(store.find_idempotent(t, "id:nope", 2_000).await.unwrap(), None);
+    let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let found =
+        store.find_idempotent(t, keys(&["key:order-7", "id:id-1", "id:nope", "key:nope"]), 2_000).await.unwrap();
+    assert_eq!(found, [Some("id-1".to_string()), Some("id-1".to_string()), None, None]);
+    assert_eq!(store.find_idempotent(other, keys(&["key:order-7", "id:id-1"]), 2_000).await.unwrap(), [None, None]);
     // A second event published under the same key (a retry after the log's dedup window) is
     // not stored while the record lives.
     let mut retry = record(t, "k", "id-2", 1_500);
@@ -158,7 +159,7 @@ async fn idempotency_records(store: &dyn EventStore) {
     assert!(store.get_event(t, "id-2").await.unwrap().is_none());
     // Past the window the record is gone from lookups and from the table after a purge.
     let late = 1_000 + WINDOW_MS + 1;
-    assert_eq!(store.find_idempotent(t, "key:order-7", late).await.unwrap(), None);
+    assert_eq!(store.find_idempotent(t, keys(&["key:order-7"]), late).await.unwrap(), [None]);
     assert!(store.purge_idempotency(late).await.unwrap() >= 1);
     let o = store.store_batch(vec![retry].into(), late).await.unwrap();
     assert_eq!(o.stored, 1);

@@ -288,27 +288,40 @@ impl EventStore for EmbeddedStore {
         self.blocking(move |db, _| query_sync(db, tenant, query)).await
     }
 
-    async fn find_idempotent(&self, tenant: TenantId, key: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
-        let key = key.to_string();
+    async fn find_idempotent(
+        &self,
+        tenant: TenantId,
+        keys: Vec<String>,
+        now_ms: i64,
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         self.blocking(move |db, window| {
-            if let Some(id) = key.strip_prefix("id:") {
-                let tx = db.begin_read().map_err(StoreError::backend)?;
-                let by_id = tx.open_table(BY_ID).map_err(StoreError::backend)?;
-                let found = by_id.get(tenant_key(&tenant, id).as_slice()).map_err(StoreError::backend)?;
-                return Ok(found.map(|_| id.to_string()));
-            }
             let tx = db.begin_read().map_err(StoreError::backend)?;
+            let by_id = tx.open_table(BY_ID).map_err(StoreError::backend)?;
             let idem = tx.open_table(IDEM).map_err(StoreError::backend)?;
-            let Some(v) = idem.get(tenant_key(&tenant, &key).as_slice()).map_err(StoreError::backend)? else {
-                return Ok(None);
-            };
-            let v = v.value();
-            let at = ts_from(v).ok_or_else(|| StoreError::Corrupt("idempotency record".into()))?;
-            if now_ms - at > window {
-                return Ok(None);
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                if let Some(id) = key.strip_prefix("id:") {
+                    let found = by_id.get(tenant_key(&tenant, id).as_slice()).map_err(StoreError::backend)?;
+                    out.push(found.map(|_| id.to_string()));
+                    continue;
+                }
+                let Some(v) = idem.get(tenant_key(&tenant, &key).as_slice()).map_err(StoreError::backend)? else {
+                    out.push(None);
+                    continue;
+                };
+                let v = v.value();
+                let at = ts_from(v).ok_or_else(|| StoreError::Corrupt("idempotency record".into()))?;
+                if now_ms - at > window {
+                    out.push(None);
+                    continue;
+                }
+                let id = std::str::from_utf8(&v[8..]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                out.push(Some(id.to_string()));
             }
-            let id = std::str::from_utf8(&v[8..]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            Ok(Some(id.to_string()))
+            Ok(out)
         })
         .await
     }

@@ -84,9 +84,14 @@ pub trait EventStore: Send + Sync + 'static {
     /// A page of the tenant's events, newest first.
     async fn query(&self, tenant: TenantId, query: EventQuery) -> Result<EventPage, StoreError>;
 
-    /// The event id an idempotency key was accepted as, if it is stored and (for `key:` keys)
-    /// not older than the window.
-    async fn find_idempotent(&self, tenant: TenantId, key: &str, now_ms: i64) -> Result<Option<String>, StoreError>;
+    /// For each idempotency key, the event id it was accepted as, if that event is stored and
+    /// (for `key:` keys) its record is not older than the window. One answer per key, in order.
+    async fn find_idempotent(
+        &self,
+        tenant: TenantId,
+        keys: Vec<String>,
+        now_ms: i64,
+    ) -> Result<Vec<Option<String>>, StoreError>;
 
     /// Drops idempotency records older than the window; returns how many.
     async fn purge_idempotency(&self, now_ms: i64) -> Result<u64, StoreError>;
