@@ -5,12 +5,16 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
+# A candidate counts only if it runs (a pyenv shim can outlive its package).
+works() { [[ -n "$1" && -x "$1" ]] && "$1" --version >/dev/null 2>&1; }
+
 find_nats() {
-  if [[ -n "${NATS_SERVER_BIN:-}" && -x "${NATS_SERVER_BIN}" ]]; then echo "$NATS_SERVER_BIN"; return 0; fi
-  if command -v nats-server >/dev/null 2>&1; then command -v nats-server; return 0; fi
-  local scripts
+  local c scripts
+  for c in "${NATS_SERVER_BIN:-}" "$(command -v nats-server 2>/dev/null || true)"; do
+    if works "$c"; then echo "$c"; return 0; fi
+  done
   scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
-  if [[ -n "$scripts" && -x "$scripts/nats-server" ]]; then echo "$scripts/nats-server"; return 0; fi
+  if works "$scripts/nats-server"; then echo "$scripts/nats-server"; return 0; fi
   return 1
 }
 
