@@ -79,7 +79,7 @@ async fn serve(
     let log = EventLog::open(client.clone(), &cfg.stream, publish_timeout).await?;
     let ingest_log = EventLog::open(publisher.clone(), &cfg.stream, publish_timeout).await?;
     let window_ms = (cfg.ingest.idempotency_window_secs as i64).saturating_mul(1000);
-    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("events.redb"), window_ms)?);
+    let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("events"), window_ms)?);
 
     let cancel = CancellationToken::new();
     let control = ControlPlane::start(cfg.node_id, &cfg.data_dir, client.clone(), cancel.child_token()).await?;

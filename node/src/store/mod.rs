@@ -13,6 +13,7 @@
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod embedded;
+mod keys;
 
 use std::sync::Arc;
 

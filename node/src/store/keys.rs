@@ -1,0 +1,68 @@
+//! The key and value layout both embedded backends share (and the ScyllaDB table mirrors):
+//! big-endian numbers so byte order is time order, tenant first in every key.
+
+use crate::model::{LogPosition, StoredEvent, TenantId};
+
+use super::StoreError;
+
+const DAY_MS: i64 = 86_400_000;
+
+pub(super) fn ts(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub(super) fn ts_from(b: &[u8]) -> Option<i64> {
+    let arr: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(arr) ^ (1 << 63)) as i64)
+}
+
+pub(super) fn day(ms: i64) -> [u8; 4] {
+    (ms.div_euclid(DAY_MS).clamp(0, u32::MAX as i64) as u32).to_be_bytes()
+}
+
+pub(super) fn event_key(tenant: &TenantId, ms: i64, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(28 + id.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.extend_from_slice(&day(ms));
+    k.extend_from_slice(&ts(ms));
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn time_prefix(tenant: &TenantId, ms: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(28);
+    k.extend_from_slice(tenant.as_bytes());
+    k.extend_from_slice(&day(ms));
+    k.extend_from_slice(&ts(ms));
+    k
+}
+
+pub(super) fn tenant_key(tenant: &TenantId, tail: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + tail.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.extend_from_slice(tail.as_bytes());
+    k
+}
+
+pub(super) fn type_prefix(tenant: &TenantId, event_type: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17 + event_type.len() + 8);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(event_type.len() as u8);
+    k.extend_from_slice(event_type.as_bytes());
+    k
+}
+
+pub(super) fn type_key(tenant: &TenantId, event_type: &str, ms: i64, id: &str) -> Vec<u8> {
+    let mut k = type_prefix(tenant, event_type);
+    k.extend_from_slice(&ts(ms));
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn decode(bytes: &[u8]) -> Result<StoredEvent, StoreError> {
+    let corrupt = || StoreError::Corrupt("event value shorter than its header".into());
+    let partition = u32::from_be_bytes(bytes.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    let sequence = u64::from_be_bytes(bytes.get(4..12).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    let record = rmp_serde::from_slice(&bytes[12..]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(StoredEvent { record, position: LogPosition { partition, sequence } })
+}
