@@ -142,7 +142,7 @@ impl EventLog {
                 Err(_) => pending.push(Err("timed out sending to NATS".into())),
             }
         }
-        let acks = futures::future::join_all(pending.into_iter().map(|p| async move {
+        futures::future::join_all(pending.into_iter().map(|p| async move {
             let fut = match p {
                 Ok(f) => f,
                 Err(e) => return Published::Failed(e),
@@ -154,8 +154,7 @@ impl EventLog {
                 Err(_) => Published::Failed("no JetStream acknowledgement in time".into()),
             }
         }))
-        .await;
-        acks
+        .await
     }
 
     /// Reads the event at a stream sequence (used to answer a duplicate with the first id).

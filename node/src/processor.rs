@@ -263,7 +263,7 @@ async fn read_batches(
 fn subject_matches(subject: &str, partition: u32, ev: &EncodedEvent) -> bool {
     let mut parts = subject.splitn(4, '.');
     parts.next() == Some("events")
-        && parts.next() == Some(partition.to_string().as_str())
+        && parts.next().and_then(|p| p.parse::<u32>().ok()) == Some(partition)
         && parts.next().and_then(|t| uuid::Uuid::parse_str(t).ok()) == Some(ev.tenant_id)
         && parts.next() == Some(ev.event_type.as_str())
 }
