@@ -26,6 +26,7 @@ pub struct Config {
     pub nats: NatsConfig,
     pub stream: StreamConfig,
     pub ingest: IngestConfig,
+    pub rules: RulesConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +72,52 @@ pub struct IngestConfig {
     pub nats_subject: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesConfig {
+    /// How far behind a group's newest event an event may be and still count in windows, seconds.
+    pub allowed_lateness_secs: u64,
+    /// How far past its arrival an event's `occurred_at` may reach; later times are capped, seconds.
+    pub max_future_secs: u64,
+    /// Groups one rule keeps per partition; events of further groups are counted as dropped.
+    pub max_groups_per_rule: usize,
+    /// Rules one tenant may have.
+    pub max_rules_per_tenant: usize,
+    /// How often partition owners checkpoint rule state, milliseconds.
+    pub checkpoint_interval_ms: u64,
+    /// Checkpoint at the latest after this many log messages of a partition.
+    pub checkpoint_events: u64,
+    /// How often the leader publishes clock ticks into every partition, milliseconds.
+    pub tick_interval_ms: u64,
+    /// Most stored events one backtest replays.
+    pub max_backtest_events: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            allowed_lateness_secs: 60,
+            max_future_secs: 300,
+            max_groups_per_rule: 10_000,
+            max_rules_per_tenant: 200,
+            checkpoint_interval_ms: 1000,
+            checkpoint_events: 20_000,
+            tick_interval_ms: 1000,
+            max_backtest_events: 100_000,
+        }
+    }
+}
+
+impl RulesConfig {
+    pub fn engine(&self) -> crate::rules::engine::EngineConfig {
+        crate::rules::engine::EngineConfig {
+            allowed_lateness_ms: (self.allowed_lateness_secs as i64).saturating_mul(1000),
+            max_future_ms: (self.max_future_secs as i64).saturating_mul(1000),
+            max_groups_per_rule: self.max_groups_per_rule,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -82,6 +129,7 @@ impl Default for Config {
             nats: NatsConfig::default(),
             stream: StreamConfig::default(),
             ingest: IngestConfig::default(),
+            rules: RulesConfig::default(),
         }
     }
 }
@@ -154,6 +202,12 @@ impl Config {
         }
         if self.stream.duplicate_window_secs == 0 {
             return bad("stream.duplicate_window_secs must be positive");
+        }
+        if self.rules.tick_interval_ms < 100 || self.rules.checkpoint_interval_ms < 100 {
+            return bad("rules.tick_interval_ms and rules.checkpoint_interval_ms must be at least 100");
+        }
+        if self.rules.max_groups_per_rule == 0 || self.rules.max_rules_per_tenant == 0 {
+            return bad("rules.max_groups_per_rule and rules.max_rules_per_tenant must be at least 1");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format must be `text` or `json`");

@@ -50,6 +50,11 @@ pub fn subject(partition: u32, tenant: &TenantId, event_type: &str) -> String {
     format!("events.{partition}.{}.{event_type}", tenant.hyphenated())
 }
 
+/// Subject of a partition's clock ticks (a token no tenant id can take).
+pub fn tick_subject(partition: u32) -> String {
+    format!("events.{partition}.tick")
+}
+
 /// Handle to the event stream. Cheap to clone.
 #[derive(Clone)]
 pub struct EventLog {
@@ -155,6 +160,21 @@ impl EventLog {
             }
         }))
         .await
+    }
+
+    /// Publishes a clock tick into every partition (the leader does this each second), so
+    /// time-driven rule transitions happen at log positions and replay identically.
+    pub async fn publish_ticks(&self, at_ms: i64) -> Result<(), String> {
+        let mut acks = Vec::with_capacity(self.partitions as usize);
+        for p in 0..self.partitions {
+            let body = Bytes::copy_from_slice(&at_ms.to_be_bytes());
+            let sent = self.js.send_publish(tick_subject(p), PublishMessage::build().payload(body)).await;
+            acks.push(sent.map_err(|e| e.to_string())?);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Reads the event at a stream sequence (used to answer a duplicate with the first id).

@@ -29,5 +29,6 @@ pub mod nats_ingest;
 pub mod natsd;
 pub mod node;
 pub mod processor;
+pub mod rules;
 pub mod store;
 pub mod telemetry;

@@ -105,7 +105,30 @@ async fn serve(
     let ingestor = Ingestor::new(ingest_log, store.clone(), cfg.ingest.clone());
     let tracker = TaskTracker::new();
     let intake = CancellationToken::new();
-    processor::spawn_all(&log, store.clone(), &tracker, cancel.clone());
+    let rule_stats = processor::RuleStatsRegistry::default();
+    let owners = processor::Owners { control: control.clone(), rules: cfg.rules.clone(), stats: rule_stats.clone() };
+    processor::spawn_all(&log, store.clone(), owners, &tracker, cancel.clone());
+    {
+        // Clock ticks for rules: the leader publishes one into every partition per interval.
+        let (log, control, cancel) = (log.clone(), control.clone(), cancel.clone());
+        let every = Duration::from_millis(cfg.rules.tick_interval_ms);
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if !control.is_leader() {
+                    continue;
+                }
+                if let Err(e) = log.publish_ticks(crate::model::now_ms()).await {
+                    tracing::warn!(error = %e, "cannot publish rule clock ticks");
+                }
+            }
+        });
+    }
     {
         let (client, control, ingestor, intake) = (client.clone(), control.clone(), ingestor.clone(), intake.clone());
         let subject = cfg.ingest.nats_subject.clone();
@@ -142,6 +165,8 @@ async fn serve(
         nats: client.clone(),
         metrics,
         admin_digest: Arc::new(crate::auth::digest(&admin_token)),
+        rules: cfg.rules.clone(),
+        rule_stats,
     };
     tracing::info!(addr = %listener.local_addr()?, node_id = cfg.node_id, "serving HTTP");
     let http_intake = intake.clone();

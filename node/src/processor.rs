@@ -1,45 +1,60 @@
-//! Partition owners: one task per partition consumes its durable JetStream consumer in order,
-//! hands each batch to the store writer, and acks (ack-all on the batch's last message) only
-//! after the writer reports the batch committed. A crash before the ack means redelivery; the
-//! store skips ids it already holds, so every event is stored exactly once.
+//! Partition owners: for each partition, a reader consumes the partition's durable JetStream
+//! consumer in order and hands each batch to the store writer; an evaluator runs the batch's
+//! stored events through the partition's rule engine once the writer reports what it stored,
+//! and submits the engine's effects; an acker acks (ack-all on the batch's last message) once
+//! those effects are committed. Reading, storing, evaluating and acking overlap.
 //!
-//! The store writer group-commits: it takes every batch waiting from all partitions and writes
-//! them in one store transaction, so the cost of a durable commit is shared across partitions.
-//! A failed write is retried by the writer; owners wait, and nothing is acked meanwhile.
+//! The store writer group-commits: it takes every write waiting from all partitions (event
+//! batches and engine effects) and commits them in one durable transaction. A failed write is
+//! retried by the writer; owners wait, and nothing is acked meanwhile.
+//!
+//! Recovery: the engine's state is checkpointed (every second, or every few thousand events)
+//! together with the log position it reflects. When an owner starts it restores the engine and
+//! re-creates its consumer at the position after that checkpoint, so the log replays in order
+//! from there: the store reports those events as already stored, and the engine re-derives its
+//! windows without repeating increments it had committed. Every event is stored once and counts
+//! once.
 //!
 //! This node owns every partition of the stream; partition assignment through the control plane
 //! arrives with multi-node clusters.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
+use crate::cluster::ControlPlane;
+use crate::config::RulesConfig;
 use crate::eventlog::EventLog;
-use crate::model::{now_ms, EncodedEvent, LogPosition};
-use crate::store::EventStore;
+use crate::model::{now_ms, EncodedEvent, EventRecord, LogPosition, TenantId};
+use crate::rules::compiled::RuleSet;
+use crate::rules::effects::PartitionEffects;
+use crate::rules::engine::{Engine, Input, RuleStats};
+use crate::store::{EventOutcome, EventStore, WriteSet};
 use crate::telemetry;
 
 const BATCH: usize = 500;
-/// Batches a partition may have handed to the writer and not yet acked.
+/// Batches a partition may have handed on and not yet acked.
 const MAX_UNACKED_BATCHES: usize = 16;
 /// Most events the writer puts in one transaction.
 const MAX_COMMIT: usize = 8_000;
 
-/// A partition's batch waiting for the store writer.
-struct WriteRequest {
-    events: Vec<EncodedEvent>,
-    committed: oneshot::Sender<()>,
+enum Job {
+    Events { events: Arc<[EncodedEvent]>, done: oneshot::Sender<Vec<EventOutcome>> },
+    Effects { effects: PartitionEffects, done: oneshot::Sender<()> },
 }
 
-/// Sends batches to the group-commit writer; cheap to clone.
+/// Sends writes to the group-commit writer; cheap to clone. The writer stops once every
+/// handle is dropped.
 #[derive(Clone)]
 struct StoreWriter {
-    tx: mpsc::Sender<WriteRequest>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl StoreWriter {
@@ -49,52 +64,59 @@ impl StoreWriter {
         StoreWriter { tx }
     }
 
-    /// Queues a batch; the receiver resolves once it is committed (an error if the writer
-    /// stopped first). Batches commit in the order they are queued.
-    async fn submit(&self, events: Vec<EncodedEvent>) -> Option<oneshot::Receiver<()>> {
-        let (committed, done) = oneshot::channel();
-        self.tx.send(WriteRequest { events, committed }).await.ok()?;
-        Some(done)
+    /// Queues events; the receiver yields one outcome per event once they are committed (an
+    /// error if the writer stopped first). Writes commit in the order they are queued.
+    async fn events(&self, events: Arc<[EncodedEvent]>) -> Option<oneshot::Receiver<Vec<EventOutcome>>> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Job::Events { events, done }).await.ok()?;
+        Some(rx)
+    }
+
+    async fn effects(&self, effects: PartitionEffects) -> Option<oneshot::Receiver<()>> {
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Job::Effects { effects, done }).await.ok()?;
+        Some(rx)
     }
 }
 
-async fn write_loop(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<WriteRequest>, cancel: CancellationToken) {
-    loop {
-        let first = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = rx.recv() => match r {
-                Some(r) => r,
-                None => return,
-            },
-        };
-        let mut waiting = vec![first.committed];
-        let mut events = first.events;
-        while events.len() < MAX_COMMIT {
+async fn write_loop(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<Job>, cancel: CancellationToken) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let mut events = 0;
+        while events < MAX_COMMIT {
             match rx.try_recv() {
-                Ok(mut r) => {
-                    events.append(&mut r.events);
-                    waiting.push(r.committed);
+                Ok(job) => {
+                    if let Job::Events { events: e, .. } = &job {
+                        events += e.len();
+                    }
+                    jobs.push(job);
                 }
                 Err(_) => break,
             }
         }
-        let events: Arc<[EncodedEvent]> = events.into();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match store.store_batch(events.clone(), now_ms()).await {
-                Ok(outcome) => {
-                    metrics::counter!(telemetry::EVENTS_STORED).increment(outcome.stored as u64);
-                    metrics::counter!(telemetry::EVENTS_SKIPPED).increment(outcome.skipped as u64);
-                    let stored_at = now_ms();
-                    let latency = metrics::histogram!(telemetry::ACCEPT_TO_STORE);
-                    for ev in events.iter() {
-                        latency.record((stored_at - ev.received_at_ms).max(0) as f64 / 1000.0);
-                    }
-                    break;
+        let mut set = WriteSet::default();
+        let mut waiting_events = Vec::new();
+        let mut waiting_effects = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Events { events, done } => {
+                    waiting_events.push((events.len(), done));
+                    set.events.push(events);
                 }
+                Job::Effects { effects, done } => {
+                    set.effects.push(effects);
+                    waiting_effects.push(done);
+                }
+            }
+        }
+        let set = Arc::new(set);
+        let mut backoff = Duration::from_millis(50);
+        let outcomes = loop {
+            match store.write(set.clone(), now_ms()).await {
+                Ok(outcomes) => break outcomes,
                 Err(e) => {
                     metrics::counter!(telemetry::STORE_ERRORS).increment(1);
-                    tracing::error!(error = %e, events = events.len(), "store write failed; retrying before ack");
+                    tracing::error!(error = %e, "store write failed; retrying before ack");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -102,10 +124,47 @@ async fn write_loop(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<WriteRequ
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        };
+        let stored = outcomes.iter().filter(|o| **o == EventOutcome::Stored).count();
+        metrics::counter!(telemetry::EVENTS_STORED).increment(stored as u64);
+        metrics::counter!(telemetry::EVENTS_SKIPPED).increment((outcomes.len() - stored) as u64);
+        let stored_at = now_ms();
+        let latency = metrics::histogram!(telemetry::ACCEPT_TO_STORE);
+        for (ev, outcome) in set.events.iter().flat_map(|b| b.iter()).zip(&outcomes) {
+            if *outcome == EventOutcome::Stored {
+                latency.record((stored_at - ev.received_at_ms).max(0) as f64 / 1000.0);
+            }
         }
-        for w in waiting {
-            let _ = w.send(());
+        let mut rest = outcomes.into_iter();
+        for (n, done) in waiting_events {
+            let _ = done.send(rest.by_ref().take(n).collect());
         }
+        for done in waiting_effects {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Rule statistics per partition, published by each partition's engine at its checkpoints.
+#[derive(Clone, Default)]
+pub struct RuleStatsRegistry {
+    inner: Arc<RwLock<HashMap<u32, PartitionStats>>>,
+}
+
+type PartitionStats = HashMap<(TenantId, Uuid), RuleStats>;
+
+impl RuleStatsRegistry {
+    fn publish(&self, partition: u32, stats: Vec<(TenantId, Uuid, RuleStats)>) {
+        let map = stats.into_iter().map(|(t, r, s)| ((t, r), s)).collect();
+        if let Ok(mut inner) = self.inner.write() {
+            inner.insert(partition, map);
+        }
+    }
+
+    /// A rule's statistics as of its partition's last checkpoint.
+    pub fn get(&self, tenant: TenantId, rule: Uuid) -> Option<RuleStats> {
+        let inner = self.inner.read().ok()?;
+        inner.values().find_map(|m| m.get(&(tenant, rule)).copied())
     }
 }
 
@@ -113,17 +172,30 @@ pub fn consumer_name(partition: u32) -> String {
     format!("partition-{partition}")
 }
 
+/// What partition owners need besides the log and the store.
+#[derive(Clone)]
+pub struct Owners {
+    pub control: ControlPlane,
+    pub rules: RulesConfig,
+    pub stats: RuleStatsRegistry,
+}
+
 /// Starts one owner task per partition plus the lag reporter, tracked by `tracker`.
-pub fn spawn_all(log: &EventLog, store: Arc<dyn EventStore>, tracker: &TaskTracker, cancel: CancellationToken) {
-    let writer = StoreWriter::spawn(store, tracker, cancel.clone());
+pub fn spawn_all(
+    log: &EventLog,
+    store: Arc<dyn EventStore>,
+    owners: Owners,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) {
+    let writer = StoreWriter::spawn(store.clone(), tracker, cancel.clone());
     for partition in 0..log.partitions() {
-        let log = log.clone();
-        let writer = writer.clone();
-        let cancel = cancel.clone();
+        let (log, writer, store, owners, cancel) =
+            (log.clone(), writer.clone(), store.clone(), owners.clone(), cancel.clone());
         tracker.spawn(async move {
             let mut backoff = Duration::from_millis(100);
             while !cancel.is_cancelled() {
-                match run_partition(&log, partition, &writer, cancel.clone()).await {
+                match run_partition(&log, partition, &store, &writer, &owners, cancel.clone()).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!(partition, error = %e, "partition owner failed; restarting");
@@ -141,29 +213,61 @@ pub fn spawn_all(log: &EventLog, store: Arc<dyn EventStore>, tracker: &TaskTrack
     tracker.spawn(report_lag(log, cancel));
 }
 
+/// A batch read from the log, on its way to the evaluator.
+struct ReadBatch {
+    items: Vec<Item>,
+    events: Arc<[EncodedEvent]>,
+    outcomes: oneshot::Receiver<Vec<EventOutcome>>,
+    last: async_nats::jetstream::Message,
+}
+
+enum Item {
+    /// Index into the batch's events.
+    Event(usize),
+    Tick {
+        seq: u64,
+        at_ms: i64,
+    },
+    Skip(u64),
+}
+
 async fn run_partition(
     log: &EventLog,
     partition: u32,
+    store: &Arc<dyn EventStore>,
     writer: &StoreWriter,
+    owners: &Owners,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let snapshot = store.load_engine(partition).await?;
+    let cfg = owners.rules.engine();
+    let engine = match snapshot.meta {
+        Some(meta) => Engine::restore(partition, cfg, meta, snapshot.entries)?,
+        None => Engine::new(partition, cfg),
+    };
+    let start = engine.processed_seq() + 1;
     let name = consumer_name(partition);
+    // The consumer is a cursor over the partition: it restarts right after what the engine's
+    // stored state reflects, so the log replays in order from there.
+    match log.stream().delete_consumer(&name).await {
+        Ok(_) => {}
+        Err(e) if e.to_string().contains("not found") => {}
+        Err(e) => anyhow::bail!("cannot reset consumer {name}: {e}"),
+    }
     let consumer = log
         .stream()
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: format!("events.{partition}.>"),
-                ack_policy: AckPolicy::All,
-                deliver_policy: DeliverPolicy::All,
-                ack_wait: Duration::from_secs(10),
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("events.{partition}.>"),
+            ack_policy: AckPolicy::All,
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 50_000,
+            ..Default::default()
+        })
         .await
         .map_err(|e| anyhow::anyhow!("consumer {name}: {e}"))?;
+    tracing::debug!(partition, start, "partition owner started");
     let messages = consumer
         .stream()
         .max_messages_per_batch(BATCH)
@@ -173,17 +277,21 @@ async fn run_partition(
         .await
         .map_err(|e| anyhow::anyhow!("consumer {name} stream: {e}"))?;
     let mut batches = messages.ready_chunks(BATCH);
+    let (to_eval, eval_rx) = mpsc::channel(MAX_UNACKED_BATCHES);
     let (acks, pending_acks) = mpsc::channel(MAX_UNACKED_BATCHES);
     let acker = tokio::spawn(ack_in_order(partition, pending_acks));
-    let result = read_batches(partition, &name, &mut batches, writer, &acks, cancel).await;
-    drop(acks);
-    // Stored batches still get their acks; the acker ends when its queue is drained.
+    let evaluator = tokio::spawn(evaluate(engine, eval_rx, writer.clone(), acks, owners.clone(), log.partitions()));
+    let result = read_batches(partition, &name, &mut batches, writer, &to_eval, cancel).await;
+    drop(to_eval);
+    // Batches already read are still evaluated, committed and acked before the owner ends.
+    let evaluated = evaluator.await;
     let _ = acker.await;
-    result
+    result?;
+    evaluated.map_err(|e| anyhow::anyhow!("partition {partition} evaluator: {e}"))?
 }
 
-/// Acks each batch's last message (ack-all) after its commit, in order. A batch whose commit
-/// never came (writer stopped) ends the acker: nothing after it is acked either.
+/// Acks each batch's last message (ack-all) after its effects commit, in order. A batch whose
+/// commit never came (writer stopped) ends the acker: nothing after it is acked either.
 async fn ack_in_order(
     partition: u32,
     mut pending: mpsc::Receiver<(oneshot::Receiver<()>, async_nats::jetstream::Message)>,
@@ -193,8 +301,91 @@ async fn ack_in_order(
             return;
         }
         if let Err(e) = last.ack().await {
-            // Not fatal: the batch is stored; a redelivery is skipped by the store.
-            tracing::warn!(partition, error = %e, "ack failed; the batch will be redelivered and skipped");
+            // Not fatal: the consumer restarts from the engine's checkpoint anyway.
+            tracing::warn!(partition, error = %e, "ack failed");
+        }
+    }
+}
+
+/// Runs batches through the engine in log order once their events are committed, submits the
+/// effects, and hands the ack on. Ends with a final checkpoint when the reader stops.
+async fn evaluate(
+    mut engine: Engine,
+    mut batches: mpsc::Receiver<ReadBatch>,
+    writer: StoreWriter,
+    acks: mpsc::Sender<(oneshot::Receiver<()>, async_nats::jetstream::Message)>,
+    owners: Owners,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let partition = engine.partition();
+    let interval = Duration::from_millis(owners.rules.checkpoint_interval_ms);
+    let mut rules = Arc::new(owners.control.read().rule_set(partition, partitions));
+    let mut last_checkpoint = Instant::now();
+    while let Some(batch) = batches.recv().await {
+        let Ok(outcomes) = batch.outcomes.await else { return Ok(()) };
+        {
+            let view = owners.control.read();
+            if view.rules_revision() != rules.revision {
+                rules = Arc::new(view.rule_set(partition, partitions));
+            }
+        }
+        let checkpoint = last_checkpoint.elapsed() >= interval
+            || engine.since_checkpoint() + batch.items.len() as u64 >= owners.rules.checkpoint_events;
+        let (items, events, ruleset) = (batch.items, batch.events, rules.clone());
+        let started = Instant::now();
+        let (back, effects) = tokio::task::spawn_blocking(move || {
+            run_engine(&mut engine, &items, &events, &outcomes, &ruleset);
+            let effects = engine.take_effects(checkpoint);
+            (engine, effects)
+        })
+        .await?;
+        engine = back;
+        metrics::histogram!(telemetry::RULES_BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        if checkpoint {
+            last_checkpoint = Instant::now();
+            metrics::counter!(telemetry::RULE_CHECKPOINTS).increment(1);
+            owners.stats.publish(partition, engine.stats());
+        }
+        let Some(committed) = writer.effects(effects).await else { return Ok(()) };
+        if acks.send((committed, batch.last)).await.is_err() {
+            anyhow::bail!("partition {partition} acker stopped");
+        }
+    }
+    let effects = engine.take_effects(true);
+    owners.stats.publish(partition, engine.stats());
+    if let Some(done) = writer.effects(effects).await {
+        let _ = done.await;
+    }
+    Ok(())
+}
+
+/// Feeds one batch to the engine: events the store holds at their position, ticks, and skips.
+fn run_engine(
+    engine: &mut Engine,
+    items: &[Item],
+    events: &[EncodedEvent],
+    outcomes: &[EventOutcome],
+    rules: &RuleSet,
+) {
+    for item in items {
+        match item {
+            Item::Tick { seq, at_ms } => engine.process(Input::Tick { seq: *seq, at_ms: *at_ms }, rules),
+            Item::Skip(seq) => engine.process(Input::Skip { seq: *seq }, rules),
+            Item::Event(i) => {
+                let (Some(ev), Some(outcome)) = (events.get(*i), outcomes.get(*i)) else { continue };
+                let seq = ev.position.sequence;
+                if *outcome == EventOutcome::Duplicate {
+                    engine.process(Input::Skip { seq }, rules);
+                    continue;
+                }
+                match rmp_serde::from_slice::<EventRecord>(&ev.record) {
+                    Ok(record) => engine.process(Input::Event { seq, record: &record }, rules),
+                    Err(e) => {
+                        tracing::warn!(seq, error = %e, "stored event does not decode for rules; skipped");
+                        engine.process(Input::Skip { seq }, rules);
+                    }
+                }
+            }
         }
     }
 }
@@ -206,10 +397,10 @@ async fn read_batches(
     name: &str,
     batches: &mut Batches,
     writer: &StoreWriter,
-    acks: &mpsc::Sender<(oneshot::Receiver<()>, async_nats::jetstream::Message)>,
+    to_eval: &mpsc::Sender<ReadBatch>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    tracing::debug!(partition, "partition owner started");
+    let tick_subject = crate::eventlog::tick_subject(partition);
     loop {
         let batch = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -219,6 +410,7 @@ async fn read_batches(
             },
         };
         let mut events = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
         let mut last = None;
         for item in batch {
             let msg = match item {
@@ -235,26 +427,38 @@ async fn read_batches(
                     continue;
                 }
             };
+            if msg.subject.as_str() == tick_subject {
+                match <[u8; 8]>::try_from(&msg.payload[..]) {
+                    Ok(b) => items.push(Item::Tick { seq, at_ms: i64::from_be_bytes(b) }),
+                    Err(_) => items.push(Item::Skip(seq)),
+                }
+                last = Some(msg);
+                continue;
+            }
             let position = LogPosition { partition, sequence: seq };
             match EncodedEvent::from_log(msg.payload.clone(), position) {
-                Ok(ev) if subject_matches(msg.subject.as_str(), partition, &ev) => events.push(ev),
+                Ok(ev) if subject_matches(msg.subject.as_str(), partition, &ev) => {
+                    items.push(Item::Event(events.len()));
+                    events.push(ev);
+                }
                 Ok(_) => {
                     metrics::counter!(telemetry::EVENTS_UNDECODABLE, "reason" => "subject_mismatch").increment(1);
                     tracing::warn!(partition, seq, subject = %msg.subject, "event subject does not match its tenant; skipped");
+                    items.push(Item::Skip(seq));
                 }
                 Err(e) => {
                     metrics::counter!(telemetry::EVENTS_UNDECODABLE, "reason" => "decode").increment(1);
                     tracing::warn!(partition, seq, error = %e, "log message is not an event; skipped");
+                    items.push(Item::Skip(seq));
                 }
             }
             last = Some(msg);
         }
         let Some(last) = last else { continue };
-        // Hand the batch to the writer and go on reading: the acker acks each batch, in order,
-        // once its commit is reported, so reading, committing and acking overlap.
-        let Some(committed) = writer.submit(events).await else { return Ok(()) };
-        if acks.send((committed, last)).await.is_err() {
-            anyhow::bail!("partition {partition} acker stopped");
+        let events: Arc<[EncodedEvent]> = events.into();
+        let Some(outcomes) = writer.events(events.clone()).await else { return Ok(()) };
+        if to_eval.send(ReadBatch { items, events, outcomes, last }).await.is_err() {
+            anyhow::bail!("partition {partition} evaluator stopped");
         }
     }
 }

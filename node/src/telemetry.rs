@@ -28,6 +28,19 @@ pub const STORE_ERRORS: &str = "signalops_store_errors_total";
 /// Time from event accepted to stored.
 pub const ACCEPT_TO_STORE: &str = "signalops_accept_to_store_seconds";
 
+/// Alerts fired by rules.
+pub const ALERTS_FIRED: &str = "signalops_alerts_fired_total";
+/// Alerts resolved.
+pub const ALERTS_RESOLVED: &str = "signalops_alerts_resolved_total";
+/// Events too late for a rule's window (still stored and counted in series).
+pub const RULE_LATE_EVENTS: &str = "signalops_rule_late_events_total";
+/// Events not evaluated because their rule reached its group limit.
+pub const RULE_GROUPS_DROPPED: &str = "signalops_rule_groups_dropped_total";
+/// Time to evaluate one batch of a partition against its rules.
+pub const RULES_BATCH_DURATION: &str = "signalops_rules_batch_duration_seconds";
+/// Engine checkpoints written.
+pub const RULE_CHECKPOINTS: &str = "signalops_rule_checkpoints_total";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.

@@ -31,7 +31,7 @@ pub struct CreateTenant {
     pub limits: Option<TenantLimits>,
 }
 
-fn control_error(e: ControlError) -> ApiError {
+pub(crate) fn control_error(e: ControlError) -> ApiError {
     match e {
         ControlError::NotLeader { leader } => {
             ApiError::unavailable(format!("this node is not the control-plane leader (leader: {leader:?}); retry"), 1)

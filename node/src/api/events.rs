@@ -70,7 +70,7 @@ fn decode_cursor(s: &str) -> Option<PageCursor> {
     Some(PageCursor { occurred_at_ms: ms.parse().ok()?, id: id.to_string() })
 }
 
-fn time_param(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
+pub(crate) fn time_param(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
     match v {
         None => Ok(None),
         Some(s) => parse_time(s)

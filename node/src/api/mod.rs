@@ -3,8 +3,11 @@
 //! tenant scoping; operator routes take [`Operator`].
 
 pub mod admin;
+pub mod alerts;
 pub mod events;
 pub mod health;
+pub mod insights;
+pub mod rules;
 
 use std::sync::Arc;
 
@@ -30,12 +33,17 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// SHA-256 digest (hex) of the operator token.
     pub admin_digest: Arc<String>,
+    pub rules: crate::config::RulesConfig,
+    pub rule_stats: crate::processor::RuleStatsRegistry,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(events::router())
         .merge(admin::router())
+        .merge(rules::router())
+        .merge(alerts::router())
+        .merge(insights::router())
         .merge(health::router())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -135,6 +135,11 @@ impl ControlPlane {
         self.raft.metrics().borrow().current_leader.is_some()
     }
 
+    /// True while this node is the Raft leader (it runs the singleton tasks).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

@@ -1,14 +1,20 @@
-//! The control-plane state the Raft log replicates: tenants and API-key digests (rules,
-//! plugins, channels and partition ownership join it with their features).
+//! The control-plane state the Raft log replicates: tenants, API-key digests, rules (every
+//! version) and silences (plugins, channels and partition ownership join it with their
+//! features).
 //!
 //! Commands carry every generated value (ids, timestamps, digests) so applying them is
 //! deterministic on every node.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
+use crate::eventlog::partition_of;
 use crate::model::TenantId;
+use crate::rules::alert::Silence;
+use crate::rules::compiled::{Rule, RuleSet, TenantRules};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct TenantLimits {
@@ -39,7 +45,7 @@ pub struct ApiKey {
 }
 
 /// A change to the control plane, proposed through Raft.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// A tenant with its first API key, created together.
     CreateTenant {
@@ -54,6 +60,23 @@ pub enum Command {
         key_id: String,
         at_ms: i64,
     },
+    /// A new rule (version 1) or a new version of one (`version` = current + 1).
+    PutRule {
+        rule: Box<Rule>,
+        /// Most rules the tenant may have (checked when creating).
+        max_rules: usize,
+    },
+    DeleteRule {
+        tenant_id: TenantId,
+        rule_id: Uuid,
+    },
+    PutSilence {
+        silence: Box<Silence>,
+    },
+    DeleteSilence {
+        tenant_id: TenantId,
+        silence_id: Uuid,
+    },
 }
 
 /// What applying a command did.
@@ -64,13 +87,23 @@ pub enum CommandResult {
     TenantNotFound,
     KeyNotFound,
     KeyIdTaken,
+    RuleNotFound,
+    /// The rule changed meanwhile: its current version is this one.
+    RuleVersionConflict(u32),
+    RuleLimit(usize),
+    SilenceNotFound,
 }
 
 /// The replicated state, serialized whole into snapshots.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ControlState {
     pub tenants: BTreeMap<TenantId, Tenant>,
     pub keys: BTreeMap<String, ApiKey>,
+    /// Rule id → every version, oldest first (the last one is current).
+    #[serde(default)]
+    pub rules: BTreeMap<Uuid, Vec<Rule>>,
+    #[serde(default)]
+    pub silences: BTreeMap<Uuid, Silence>,
 }
 
 /// The state plus lookup indexes derived from it (rebuilt, never replicated).
@@ -78,12 +111,72 @@ pub struct ControlState {
 pub struct ControlView {
     pub state: ControlState,
     by_digest: HashMap<String, String>,
+    /// Compiled rules and silences per tenant (tenants with any).
+    compiled: HashMap<TenantId, Arc<TenantRules>>,
+    /// Bumped whenever any tenant's rules or silences change.
+    rules_revision: u64,
 }
 
 impl ControlView {
     pub fn from_state(state: ControlState) -> Self {
         let by_digest = state.keys.values().map(|k| (k.digest.clone(), k.key_id.clone())).collect();
-        ControlView { state, by_digest }
+        let mut view = ControlView { state, by_digest, compiled: HashMap::new(), rules_revision: 1 };
+        let tenants: std::collections::BTreeSet<TenantId> = view
+            .state
+            .rules
+            .values()
+            .filter_map(|v| v.last().map(|r| r.tenant_id))
+            .chain(view.state.silences.values().map(|s| s.tenant_id))
+            .collect();
+        for t in tenants {
+            view.recompile(t);
+        }
+        view
+    }
+
+    fn recompile(&mut self, tenant: TenantId) {
+        let silences: Vec<Silence> = self.state.silences.values().filter(|s| s.tenant_id == tenant).cloned().collect();
+        let compiled = TenantRules::build(&self.state.rules, tenant, silences);
+        if compiled.rules.is_empty() && compiled.silences.is_empty() {
+            self.compiled.remove(&tenant);
+        } else {
+            self.compiled.insert(tenant, Arc::new(compiled));
+        }
+        self.rules_revision += 1;
+    }
+
+    pub fn rules_revision(&self) -> u64 {
+        self.rules_revision
+    }
+
+    /// The compiled rules of the tenants in one partition.
+    pub fn rule_set(&self, partition: u32, partitions: u32) -> RuleSet {
+        let tenants = self
+            .compiled
+            .iter()
+            .filter(|(t, c)| !c.rules.is_empty() && partition_of(t, partitions) == partition)
+            .map(|(t, c)| (*t, c.clone()))
+            .collect();
+        RuleSet { revision: self.rules_revision, tenants }
+    }
+
+    /// The current version of a tenant's rule.
+    pub fn rule(&self, tenant: TenantId, id: &Uuid) -> Option<&Rule> {
+        self.state.rules.get(id).and_then(|v| v.last()).filter(|r| r.tenant_id == tenant)
+    }
+
+    /// Every version of a tenant's rule, oldest first.
+    pub fn rule_versions(&self, tenant: TenantId, id: &Uuid) -> Option<&[Rule]> {
+        self.state.rules.get(id).filter(|v| v.last().is_some_and(|r| r.tenant_id == tenant)).map(|v| v.as_slice())
+    }
+
+    /// The tenant's rules (current versions), by id.
+    pub fn rules_of(&self, tenant: TenantId) -> Vec<&Rule> {
+        self.state.rules.values().filter_map(|v| v.last()).filter(|r| r.tenant_id == tenant).collect()
+    }
+
+    pub fn silences_of(&self, tenant: TenantId) -> Vec<&Silence> {
+        self.state.silences.values().filter(|s| s.tenant_id == tenant).collect()
     }
 
     /// The live (unrevoked) key with this digest, and its tenant.
@@ -124,6 +217,65 @@ impl ControlView {
                 }
                 _ => CommandResult::KeyNotFound,
             },
+            Command::PutRule { rule, max_rules } => {
+                if !self.state.tenants.contains_key(&rule.tenant_id) {
+                    return CommandResult::TenantNotFound;
+                }
+                match self.state.rules.get_mut(&rule.id) {
+                    None => {
+                        if rule.version != 1 {
+                            return CommandResult::RuleNotFound;
+                        }
+                        let count = self
+                            .state
+                            .rules
+                            .values()
+                            .filter(|v| v.last().is_some_and(|r| r.tenant_id == rule.tenant_id))
+                            .count();
+                        if count >= *max_rules {
+                            return CommandResult::RuleLimit(*max_rules);
+                        }
+                        self.state.rules.insert(rule.id, vec![(**rule).clone()]);
+                    }
+                    Some(versions) => {
+                        let Some(current) = versions.last() else { return CommandResult::RuleNotFound };
+                        if current.tenant_id != rule.tenant_id {
+                            return CommandResult::RuleNotFound;
+                        }
+                        if current.version + 1 != rule.version {
+                            return CommandResult::RuleVersionConflict(current.version);
+                        }
+                        versions.push((**rule).clone());
+                    }
+                }
+                self.recompile(rule.tenant_id);
+                CommandResult::Done
+            }
+            Command::DeleteRule { tenant_id, rule_id } => {
+                if self.rule(*tenant_id, rule_id).is_none() {
+                    return CommandResult::RuleNotFound;
+                }
+                self.state.rules.remove(rule_id);
+                self.recompile(*tenant_id);
+                CommandResult::Done
+            }
+            Command::PutSilence { silence } => {
+                if !self.state.tenants.contains_key(&silence.tenant_id) {
+                    return CommandResult::TenantNotFound;
+                }
+                self.state.silences.insert(silence.id, (**silence).clone());
+                self.recompile(silence.tenant_id);
+                CommandResult::Done
+            }
+            Command::DeleteSilence { tenant_id, silence_id } => {
+                match self.state.silences.get(silence_id) {
+                    Some(s) if s.tenant_id == *tenant_id => {}
+                    _ => return CommandResult::SilenceNotFound,
+                }
+                self.state.silences.remove(silence_id);
+                self.recompile(*tenant_id);
+                CommandResult::Done
+            }
         }
     }
 

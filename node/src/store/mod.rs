@@ -19,7 +19,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use uuid::Uuid;
+
 use crate::model::{EncodedEvent, StoredEvent, TenantId};
+use crate::rules::alert::{Alert, AlertAck};
+use crate::rules::effects::{CatalogEntry, EngineMeta, PartitionEffects, SeriesPoint, StateKey};
 
 /// A failure of the storage backend. It keeps its cause for the log.
 #[derive(Debug, thiserror::Error)]
@@ -73,11 +77,104 @@ pub struct StoreOutcome {
     pub skipped: usize,
 }
 
+/// What a write did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Written for the first time.
+    Stored,
+    /// The store already holds this event at this same log position: a redelivery of the
+    /// message (its effects may still be due).
+    AlreadyStored,
+    /// Another log message already carried this event (same id, or a live idempotency key):
+    /// nothing was written and the message has no effects of its own.
+    Duplicate,
+}
+
+/// One atomic write: events from the log and the effects rule engines derived from earlier
+/// events. Partition owners submit these through a group-commit writer.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    /// Batches of events, written in order (outcomes come back flattened, in the same order).
+    pub events: Vec<Arc<[EncodedEvent]>>,
+    pub effects: Vec<PartitionEffects>,
+}
+
+/// A page request over one tenant's alerts, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AlertQuery {
+    /// `firing`, `acknowledged` or `resolved`.
+    pub state: Option<String>,
+    pub rule_id: Option<Uuid>,
+    /// Inclusive lower bound on `fired_at`, epoch ms.
+    pub from_ms: Option<i64>,
+    /// Exclusive upper bound on `fired_at`, epoch ms.
+    pub to_ms: Option<i64>,
+    pub limit: usize,
+    /// Continue strictly after (older than) this alert.
+    pub after: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AlertPage {
+    pub alerts: Vec<(Alert, Option<AlertAck>)>,
+    pub next: Option<Uuid>,
+}
+
+/// Most alert records one page request examines before it returns what it has found
+/// (with a cursor), so a selective filter cannot turn a request into a full scan.
+pub const MAX_ALERT_SCAN: usize = 10_000;
+
+/// A partition engine's stored state: where it stands and its entries.
+#[derive(Debug, Default)]
+pub struct EngineSnapshot {
+    pub meta: Option<EngineMeta>,
+    pub entries: Vec<(StateKey, Vec<u8>)>,
+}
+
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
-    /// Stores a batch atomically. Events whose id is already stored for their tenant, or whose
-    /// `key:` idempotency key has a live record, are skipped.
-    async fn store_batch(&self, events: Arc<[EncodedEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError>;
+    /// Writes events and effects in one atomic, durable commit. Returns one outcome per event,
+    /// in order. Events whose id is already stored for their tenant, or whose `key:`
+    /// idempotency key has a live record, are not written again.
+    async fn write(&self, set: Arc<WriteSet>, now_ms: i64) -> Result<Vec<EventOutcome>, StoreError>;
+
+    /// Stores a batch of events (no effects) and counts what happened.
+    async fn store_batch(&self, events: Arc<[EncodedEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError> {
+        let set = WriteSet { events: vec![events], effects: Vec::new() };
+        let outcomes = self.write(Arc::new(set), now_ms).await?;
+        let stored = outcomes.iter().filter(|o| **o == EventOutcome::Stored).count();
+        Ok(StoreOutcome { stored, skipped: outcomes.len() - stored })
+    }
+
+    /// The stored state of one partition's rule engine.
+    async fn load_engine(&self, partition: u32) -> Result<EngineSnapshot, StoreError>;
+
+    /// One alert (with its acknowledgement), only within the tenant.
+    async fn get_alert(&self, tenant: TenantId, id: Uuid) -> Result<Option<(Alert, Option<AlertAck>)>, StoreError>;
+
+    /// A page of the tenant's alerts, newest first.
+    async fn query_alerts(&self, tenant: TenantId, query: AlertQuery) -> Result<AlertPage, StoreError>;
+
+    /// Acknowledges an alert (the first acknowledgement is kept). `None` when the tenant has
+    /// no such alert.
+    async fn ack_alert(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        ack: AlertAck,
+    ) -> Result<Option<(Alert, Option<AlertAck>)>, StoreError>;
+
+    /// Per-minute points of one event type, `[from_minute, to_minute)`, in time order.
+    async fn series(
+        &self,
+        tenant: TenantId,
+        event_type: &str,
+        from_minute: i64,
+        to_minute: i64,
+    ) -> Result<Vec<(i64, SeriesPoint)>, StoreError>;
+
+    /// The tenant's event catalog, by event type.
+    async fn catalog(&self, tenant: TenantId) -> Result<Vec<(String, CatalogEntry)>, StoreError>;
 
     /// One event by id, only within the tenant.
     async fn get_event(&self, tenant: TenantId, id: &str) -> Result<Option<StoredEvent>, StoreError>;

@@ -1,0 +1,324 @@
+//! Rules: `POST/GET /v1/rules`, `GET/PUT/DELETE /v1/rules/{id}`, `GET /v1/rules/{id}/versions`,
+//! `POST /v1/rules/test` (dry-run) and `POST /v1/rules/{id}/backtest`. Writes go through Raft;
+//! every change makes a new version.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::admin::control_error;
+use super::events::time_param;
+use super::{AppState, AuthTenant};
+use crate::cluster::state::{Command, CommandResult};
+use crate::error::{ApiError, ErrorKind};
+use crate::model::{format_ms, now_ms, split_body, validate_event, EventRecord, TenantId};
+use crate::rules::alert::Alert;
+use crate::rules::compiled::Rule;
+use crate::rules::engine::RuleStats;
+use crate::rules::spec::{parse_rule, FieldError, RuleLimits, RuleSpec};
+use crate::store::EventQuery;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/rules", get(list).post(create))
+        .route("/v1/rules/test", post(dry_run))
+        .route("/v1/rules/{id}", get(one).put(update).delete(remove))
+        .route("/v1/rules/{id}/versions", get(versions))
+        .route("/v1/rules/{id}/backtest", post(backtest))
+}
+
+/// Most events one dry-run request may carry.
+const MAX_TEST_EVENTS: usize = 10_000;
+
+#[derive(Serialize)]
+struct RuleView<'a> {
+    id: Uuid,
+    tenant_id: TenantId,
+    version: u32,
+    #[serde(flatten)]
+    spec: &'a RuleSpec,
+    created_at: String,
+    updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<RuleStatus>,
+}
+
+/// What the partition owner reports of a rule (as of its last checkpoint).
+#[derive(Serialize)]
+struct RuleStatus {
+    groups: usize,
+    group_limit: usize,
+    /// Events not evaluated because the rule had reached its group limit.
+    dropped_groups: u64,
+    group_limit_hit: bool,
+    firing: usize,
+}
+
+fn view<'a>(rule: &'a Rule, stats: Option<(RuleStats, usize)>) -> RuleView<'a> {
+    RuleView {
+        id: rule.id,
+        tenant_id: rule.tenant_id,
+        version: rule.version,
+        spec: &rule.spec,
+        created_at: format_ms(rule.created_at_ms),
+        updated_at: format_ms(rule.updated_at_ms),
+        status: stats.map(|(s, limit)| RuleStatus {
+            groups: s.groups,
+            group_limit: limit,
+            dropped_groups: s.dropped_groups,
+            group_limit_hit: s.dropped_groups > 0,
+            firing: s.firing,
+        }),
+    }
+}
+
+fn field_error(e: FieldError) -> ApiError {
+    ApiError::bad_request(e.field, e.detail)
+}
+
+fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
+    body.map(|Json(v)| v).map_err(|e| match e {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            ErrorKind::UnsupportedMediaType,
+            "the body must be JSON with `Content-Type: application/json`",
+        ),
+        other => ApiError::bad_request("", other.body_text()),
+    })
+}
+
+fn parse_spec(body: &Value) -> Result<RuleSpec, ApiError> {
+    let spec = parse_rule(body, &RuleLimits::default()).map_err(field_error)?;
+    if spec.plugin.is_some() {
+        // Plugin rules reference an uploaded plugin; until the plugin registry exists no
+        // reference can resolve.
+        return Err(ApiError::bad_request("plugin.id", "no such plugin: upload it with POST /v1/plugins first"));
+    }
+    Ok(spec)
+}
+
+fn rule_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("no rule `{id}`")))
+}
+
+fn not_found(id: &Uuid) -> ApiError {
+    ApiError::not_found(format!("no rule `{id}`"))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let spec = parse_spec(&json_body(body)?)?;
+    let now = now_ms();
+    let rule =
+        Rule { id: Uuid::now_v7(), tenant_id: tenant.id, version: 1, spec, created_at_ms: now, updated_at_ms: now };
+    let max_rules = state.rules.max_rules_per_tenant;
+    match state
+        .control
+        .propose(Command::PutRule { rule: Box::new(rule.clone()), max_rules })
+        .await
+        .map_err(control_error)?
+    {
+        CommandResult::Done => Ok((StatusCode::CREATED, Json(view(&rule, None))).into_response()),
+        CommandResult::RuleLimit(n) => {
+            Err(ApiError::new(ErrorKind::Conflict, format!("a tenant may have at most {n} rules; delete one first"))
+                .with_extra(json!({"limit": n})))
+        }
+        other => Err(ApiError::internal("create rule", &format!("{other:?}"))),
+    }
+}
+
+async fn list(State(state): State<AppState>, AuthTenant(tenant): AuthTenant) -> Json<Value> {
+    let view_ = state.control.read();
+    let limit = state.rules.max_groups_per_rule;
+    let rules: Vec<_> = view_
+        .rules_of(tenant.id)
+        .into_iter()
+        .map(|r| view(r, state.rule_stats.get(tenant.id, r.id).map(|s| (s, limit))))
+        .collect();
+    Json(json!({ "rules": rules }))
+}
+
+async fn one(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = rule_id(&id)?;
+    let v = state.control.read();
+    let rule = v.rule(tenant.id, &id).ok_or_else(|| not_found(&id))?;
+    let stats = state.rule_stats.get(tenant.id, id).map(|s| (s, state.rules.max_groups_per_rule));
+    Ok(Json(view(rule, stats)).into_response())
+}
+
+async fn versions(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = rule_id(&id)?;
+    let v = state.control.read();
+    let all = v.rule_versions(tenant.id, &id).ok_or_else(|| not_found(&id))?;
+    let versions: Vec<_> = all.iter().rev().map(|r| view(r, None)).collect();
+    Ok(Json(json!({ "versions": versions })).into_response())
+}
+
+async fn update(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let id = rule_id(&id)?;
+    let body = json_body(body)?;
+    let spec = parse_spec(&body)?;
+    let current = state.control.read().rule(tenant.id, &id).cloned().ok_or_else(|| not_found(&id))?;
+    // A client that sends back the version it read gets optimistic concurrency.
+    if let Some(v) = body.get("version").and_then(Value::as_u64) {
+        if v != u64::from(current.version) {
+            return Err(version_conflict(current.version));
+        }
+    }
+    let rule = Rule { version: current.version + 1, spec, updated_at_ms: now_ms(), ..current };
+    let max_rules = state.rules.max_rules_per_tenant;
+    match state
+        .control
+        .propose(Command::PutRule { rule: Box::new(rule.clone()), max_rules })
+        .await
+        .map_err(control_error)?
+    {
+        CommandResult::Done => Ok(Json(view(&rule, None)).into_response()),
+        CommandResult::RuleNotFound => Err(not_found(&id)),
+        CommandResult::RuleVersionConflict(v) => Err(version_conflict(v)),
+        other => Err(ApiError::internal("update rule", &format!("{other:?}"))),
+    }
+}
+
+fn version_conflict(current: u32) -> ApiError {
+    ApiError::new(ErrorKind::Conflict, format!("the rule changed meanwhile; its current version is {current}"))
+        .with_field("version")
+        .with_extra(json!({"current_version": current}))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = rule_id(&id)?;
+    match state
+        .control
+        .propose(Command::DeleteRule { tenant_id: tenant.id, rule_id: id })
+        .await
+        .map_err(control_error)?
+    {
+        CommandResult::Done => Ok(StatusCode::NO_CONTENT.into_response()),
+        CommandResult::RuleNotFound => Err(not_found(&id)),
+        other => Err(ApiError::internal("delete rule", &format!("{other:?}"))),
+    }
+}
+
+fn alerts_json(alerts: &[Alert]) -> Vec<Value> {
+    alerts.iter().map(|a| serde_json::to_value(a.view(None)).unwrap_or(Value::Null)).collect()
+}
+
+/// `{"rule": {...}, "events": [...]}`: evaluates the rule over the events, in order, as if each
+/// arrived when it occurred. Nothing is stored or notified.
+async fn dry_run(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Value::Object(mut body) = json_body(body)? else {
+        return Err(ApiError::bad_request("", "the body must be an object: {\"rule\": {...}, \"events\": [...]}"));
+    };
+    let rule_body = body.remove("rule").ok_or_else(|| ApiError::bad_request("rule", "`rule` is required"))?;
+    let spec = parse_rule(&rule_body, &RuleLimits::default())
+        .map_err(|e| ApiError::bad_request(format!("rule.{}", e.field).trim_end_matches('.').to_string(), e.detail))?;
+    let events = body.remove("events").ok_or_else(|| ApiError::bad_request("events", "`events` is required"))?;
+    let parsed = split_body(json!({ "events": events }), MAX_TEST_EVENTS)?;
+    let now = now_ms();
+    let mut records = Vec::with_capacity(parsed.events.len());
+    for (i, obj) in parsed.events.into_iter().enumerate() {
+        records.push(validate_event(obj, &format!("events[{i}]."), tenant.id, now)?);
+    }
+    let rule = Rule { id: Uuid::nil(), tenant_id: tenant.id, version: 0, spec, created_at_ms: now, updated_at_ms: now };
+    let n = records.len();
+    let cfg = state.rules.engine();
+    let alerts = tokio::task::spawn_blocking(move || crate::rules::replay::run(rule, &mut records, None, cfg))
+        .await
+        .map_err(|e| ApiError::internal("dry run", &e))?
+        .map_err(|e| ApiError::bad_request(format!("rule.{}", e.field), e.detail))?;
+    Ok(Json(json!({ "alerts": alerts_json(&alerts), "events_evaluated": n })).into_response())
+}
+
+#[derive(Deserialize)]
+struct BacktestParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// Replays the tenant's stored events in `[from, to)` (default: the last 24 hours) through the
+/// rule's current version, oldest first, and returns the alerts it would have fired.
+async fn backtest(
+    State(state): State<AppState>,
+    AuthTenant(tenant): AuthTenant,
+    Path(id): Path<String>,
+    params: Result<Query<BacktestParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = rule_id(&id)?;
+    let Query(p) = params.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let rule = state.control.read().rule(tenant.id, &id).cloned().ok_or_else(|| not_found(&id))?;
+    if rule.spec.plugin.is_some() {
+        return Err(ApiError::bad_request("plugin", "plugin rules cannot be backtested on this node"));
+    }
+    let now = now_ms();
+    let to = time_param("to", &p.to)?.unwrap_or(now);
+    let from = time_param("from", &p.from)?.unwrap_or(to - 24 * 3_600_000);
+    if from >= to {
+        return Err(ApiError::bad_request("from", "`from` must be before `to`"));
+    }
+    let max = state.rules.max_backtest_events;
+    let mut records: Vec<EventRecord> = Vec::new();
+    let mut after = None;
+    let mut truncated = false;
+    loop {
+        let q = EventQuery { event_type: None, from_ms: Some(from), to_ms: Some(to), limit: 1000, after };
+        let page = state.store.query(tenant.id, q).await.map_err(|e| ApiError::internal("backtest read", &e))?;
+        records.extend(page.events.into_iter().map(|e| e.record));
+        if records.len() >= max {
+            truncated = page.next.is_some() || records.len() > max;
+            records.truncate(max);
+            break;
+        }
+        match page.next {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    // Pages come newest first; the engine wants the oldest first. When truncated, the newest
+    // `max` events of the range are the ones replayed.
+    records.reverse();
+    let n = records.len();
+    let cfg = state.rules.engine();
+    let end = Some(to.min(now));
+    let alerts = tokio::task::spawn_blocking(move || crate::rules::replay::run(rule, &mut records, end, cfg))
+        .await
+        .map_err(|e| ApiError::internal("backtest", &e))?
+        .map_err(field_error)?;
+    Ok(Json(json!({
+        "alerts": alerts_json(&alerts),
+        "events_evaluated": n,
+        "truncated": truncated,
+        "from": format_ms(from),
+        "to": format_ms(to),
+    }))
+    .into_response())
+}

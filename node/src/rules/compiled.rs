@@ -1,0 +1,152 @@
+//! Rules as the control plane stores them ([`Rule`]) and as partition owners evaluate them
+//! ([`CompiledRule`], grouped per tenant in [`TenantRules`]): field paths parsed, regexes
+//! built and event-type patterns indexed once per rule version, never per event.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::alert::Silence;
+use super::filter::{CompiledFilter, FieldPath, TypeMatcher};
+use super::spec::{FieldError, RuleSpec, WindowSpec};
+use crate::model::TenantId;
+
+/// One version of a rule, as replicated through Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: Uuid,
+    pub tenant_id: TenantId,
+    pub version: u32,
+    pub spec: RuleSpec,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// What a rule evaluates once its filter matched.
+#[derive(Debug, Clone)]
+pub enum RuleKind {
+    /// Fires per matching event (subject to cooldown).
+    Event,
+    Window {
+        spec: WindowSpec,
+        field: Option<FieldPath>,
+    },
+    Absence {
+        ms: i64,
+    },
+}
+
+#[derive(Debug)]
+pub struct CompiledRule {
+    pub rule: Rule,
+    pub types: TypeMatcher,
+    pub filter: Option<CompiledFilter>,
+    pub group_by: Vec<FieldPath>,
+    pub kind: RuleKind,
+    pub for_ms: i64,
+    pub cooldown_ms: i64,
+    /// Hash of what shapes the rule's state (window, absence, group-by): when it changes
+    /// between versions, the rule's windows start afresh.
+    pub shape: u64,
+}
+
+fn path(p: &str, field: &str) -> Result<FieldPath, FieldError> {
+    FieldPath::parse(p).ok_or_else(|| FieldError { field: field.into(), detail: format!("`{p}` is not a field path") })
+}
+
+impl CompiledRule {
+    pub fn compile(rule: Rule) -> Result<CompiledRule, FieldError> {
+        let spec = &rule.spec;
+        let filter = spec.filter.as_ref().map(CompiledFilter::compile).transpose()?;
+        let group_by = spec
+            .group_by
+            .iter()
+            .enumerate()
+            .map(|(i, p)| path(p, &format!("group_by[{i}]")))
+            .collect::<Result<_, _>>()?;
+        let kind = match (&spec.window, &spec.absence) {
+            (Some(w), _) => RuleKind::Window {
+                spec: w.clone(),
+                field: w.field.as_deref().map(|f| path(f, "window.field")).transpose()?,
+            },
+            (None, Some(a)) => RuleKind::Absence { ms: (a.seconds as i64).saturating_mul(1000) },
+            (None, None) => RuleKind::Event,
+        };
+        let shape_text = format!(
+            "{}|{}|{}",
+            serde_json::to_string(&spec.window).unwrap_or_default(),
+            serde_json::to_string(&spec.absence).unwrap_or_default(),
+            spec.group_by.join("\u{1f}")
+        );
+        Ok(CompiledRule {
+            types: TypeMatcher::new(&spec.event_types),
+            filter,
+            group_by,
+            kind,
+            for_ms: (spec.for_seconds as i64).saturating_mul(1000),
+            cooldown_ms: (spec.cooldown_seconds as i64).saturating_mul(1000),
+            shape: u64::from(crate::eventlog::fnv1a(shape_text.as_bytes())),
+            rule,
+        })
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.rule.id
+    }
+
+    /// The numeric field this rule aggregates, if any (sum, avg, min, max).
+    pub fn numeric_field(&self) -> Option<&FieldPath> {
+        match &self.kind {
+            RuleKind::Window { spec, field } if !matches!(spec.aggregate, super::spec::Aggregate::Distinct) => {
+                field.as_ref()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A tenant's enabled rules and silences, compiled. Replaced whole when any of them changes.
+#[derive(Debug, Default)]
+pub struct TenantRules {
+    pub rules: Vec<Arc<CompiledRule>>,
+    pub by_id: HashMap<Uuid, usize>,
+    pub silences: Vec<Silence>,
+}
+
+impl TenantRules {
+    pub fn build(rules: &BTreeMap<Uuid, Vec<Rule>>, tenant: TenantId, silences: Vec<Silence>) -> TenantRules {
+        let mut out = TenantRules { silences, ..Default::default() };
+        for versions in rules.values() {
+            let Some(current) = versions.last() else { continue };
+            if current.tenant_id != tenant || !current.spec.enabled || current.spec.plugin.is_some() {
+                continue;
+            }
+            match CompiledRule::compile(current.clone()) {
+                Ok(c) => {
+                    out.by_id.insert(c.id(), out.rules.len());
+                    out.rules.push(Arc::new(c));
+                }
+                // Rules are validated before they are proposed; one that still fails to compile
+                // (a newer node's rule on an older node) is skipped, visibly.
+                Err(e) => {
+                    tracing::error!(rule_id = %current.id, field = %e.field, error = %e.detail, "rule does not compile; skipped")
+                }
+            }
+        }
+        out
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<&Arc<CompiledRule>> {
+        self.by_id.get(id).and_then(|&i| self.rules.get(i))
+    }
+}
+
+/// The compiled rules of every tenant in one partition, tagged with the control-plane
+/// revision they were built from.
+#[derive(Debug, Default, Clone)]
+pub struct RuleSet {
+    pub revision: u64,
+    pub tenants: HashMap<TenantId, Arc<TenantRules>>,
+}

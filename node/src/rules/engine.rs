@@ -1,0 +1,845 @@
+//! The rule engine of one partition: evaluates every event of the partition, in log order,
+//! against its tenant's rules, keeps window and alert state per (rule, group), and produces the
+//! partition's [`PartitionEffects`].
+//!
+//! ## Time
+//! - Each event has an effective time `t = min(occurred_at, received_at + max_future)`, so a
+//!   producer clock far ahead cannot push windows into the future.
+//! - The partition clock is the latest `received_at` or tick time seen, in log order. Ticks are
+//!   messages the control-plane leader publishes into every partition each second, so time
+//!   passes for idle tenants and replaying the log replays the same clock.
+//! - A group's head is the latest `t` of its events, moved up to the watermark
+//!   (`clock - allowed_lateness`) at each tick. Windows are evaluated at the head. An event
+//!   older than `head - allowed_lateness`, or older than the window itself, is late: it is
+//!   stored and counted in series and the catalog, but not in windows.
+//! - Absence rules use the partition clock: they fire `seconds` after the last matching event
+//!   was received (or after the rule appeared, for an ungrouped rule that never saw one).
+//!
+//! ## Exactly-once
+//! Effects are derived only from log positions above the last committed one: the engine
+//! skips positions it has processed, and does not emit series or catalog increments for
+//! positions at or below `committed_seq` (already committed before a restart). Alert ids are
+//! deterministic, so re-deriving an alert during recovery rewrites the same record.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::alert::{alert_id, Alert, AlertKind, AlertState};
+use super::compiled::{CompiledRule, RuleKind, RuleSet, TenantRules};
+use super::effects::{
+    json_type, CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint,
+    StateKey, MAX_CATALOG_FIELDS,
+};
+use super::window::{Insert, Window};
+use crate::model::{EventRecord, TenantId};
+use crate::telemetry;
+
+/// How many triggering event ids an alert keeps.
+pub const EVENT_SAMPLE: usize = 10;
+/// Payload nesting the catalog descends into.
+const CATALOG_DEPTH: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    pub allowed_lateness_ms: i64,
+    pub max_future_ms: i64,
+    pub max_groups_per_rule: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { allowed_lateness_ms: 60_000, max_future_ms: 300_000, max_groups_per_rule: 10_000 }
+    }
+}
+
+/// One log message as the engine sees it.
+pub enum Input<'a> {
+    /// An event the store holds at this position (not a duplicate of an earlier event).
+    Event { seq: u64, record: &'a EventRecord },
+    /// A clock tick published by the leader.
+    Tick { seq: u64, at_ms: i64 },
+    /// Anything else at this position (duplicates, undecodable messages).
+    Skip { seq: u64 },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct RuleMeta {
+    version: u32,
+    shape: u64,
+    dropped_groups: u64,
+    /// Partition clock when the engine first saw this rule version's shape.
+    since_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct GroupState {
+    /// Group-by values, for the alert's `group`.
+    values: Vec<Value>,
+    head_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<Window>,
+    /// Event rules: time of the last matching event; absence rules: when it was received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_seen_ms: Option<i64>,
+    #[serde(default)]
+    recent: VecDeque<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_since_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    open: Option<Alert>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_fired_ms: Option<i64>,
+    /// Changed since the last checkpoint.
+    #[serde(skip)]
+    dirty: bool,
+    /// The open alert changed since the last effects were taken.
+    #[serde(skip)]
+    alert_dirty: bool,
+}
+
+impl GroupState {
+    fn new(values: Vec<Value>, head_ms: i64, kind: &RuleKind) -> GroupState {
+        GroupState {
+            values,
+            head_ms,
+            window: match kind {
+                RuleKind::Window { spec, .. } => Some(Window::new(spec.seconds)),
+                _ => None,
+            },
+            last_seen_ms: None,
+            recent: VecDeque::new(),
+            pending_since_ms: None,
+            open: None,
+            last_fired_ms: None,
+            dirty: true,
+            alert_dirty: false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct RuleState {
+    meta: RuleMeta,
+    meta_dirty: bool,
+    groups: HashMap<String, GroupState>,
+}
+
+#[derive(Debug, Default)]
+struct TenantState {
+    compiled: Option<Arc<TenantRules>>,
+    /// Event type → indexes of the compiled rules it matches.
+    by_type: HashMap<String, Arc<[usize]>>,
+    rules: HashMap<Uuid, RuleState>,
+}
+
+/// Buffers of what the engine emits between two `take_effects`.
+#[derive(Default)]
+struct Out {
+    alerts: Vec<Alert>,
+    series: HashMap<(TenantId, String, i64), SeriesPoint>,
+    catalog: HashMap<(TenantId, String), CatalogEntry>,
+    /// Groups whose open alert changed (written at the end of the batch).
+    alert_dirty: Vec<(TenantId, Uuid, String)>,
+    /// Groups and rule metas changed since the last checkpoint.
+    state_dirty: Vec<StateKey>,
+    deletes: Vec<StateKey>,
+    fired: u64,
+    resolved: u64,
+    late: u64,
+    dropped_groups: u64,
+}
+
+/// Statistics of one rule in this partition, for the API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RuleStats {
+    pub groups: usize,
+    pub dropped_groups: u64,
+    pub firing: usize,
+}
+
+pub struct Engine {
+    partition: u32,
+    cfg: EngineConfig,
+    /// Last position processed.
+    processed_seq: u64,
+    /// Positions at or below this had their increments committed before (re)start.
+    committed_seq: u64,
+    clock_ms: i64,
+    /// The position the stored state reflects (the last checkpoint).
+    state_seq: u64,
+    tenants: HashMap<TenantId, TenantState>,
+    out: Out,
+    /// Reusable buffer for group keys.
+    key: String,
+    /// Events processed since the last checkpoint.
+    since_checkpoint: u64,
+}
+
+/// Why stored engine state could not be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("engine state for rule {rule} is unreadable: {source}")]
+pub struct RestoreError {
+    rule: Uuid,
+    source: rmp_serde::decode::Error,
+}
+
+impl Engine {
+    pub fn new(partition: u32, cfg: EngineConfig) -> Engine {
+        Engine {
+            partition,
+            cfg,
+            processed_seq: 0,
+            committed_seq: 0,
+            clock_ms: 0,
+            state_seq: 0,
+            tenants: HashMap::new(),
+            out: Out::default(),
+            key: String::new(),
+            since_checkpoint: 0,
+        }
+    }
+
+    /// Rebuilds an engine from its last checkpoint. Processing resumes after `meta.state_seq`;
+    /// positions up to `meta.effects_seq` are re-evaluated without re-emitting increments.
+    pub fn restore(
+        partition: u32,
+        cfg: EngineConfig,
+        meta: EngineMeta,
+        entries: Vec<(StateKey, Vec<u8>)>,
+    ) -> Result<Engine, RestoreError> {
+        let mut e = Engine::new(partition, cfg);
+        e.processed_seq = meta.state_seq;
+        e.committed_seq = meta.effects_seq;
+        e.state_seq = meta.state_seq;
+        e.clock_ms = meta.clock_ms;
+        for (k, bytes) in entries {
+            let rule = k.rule;
+            let rs = e.tenants.entry(k.tenant).or_default().rules.entry(k.rule).or_default();
+            match k.group {
+                None => rs.meta = rmp_serde::from_slice(&bytes).map_err(|source| RestoreError { rule, source })?,
+                Some(g) => {
+                    let gs: GroupState =
+                        rmp_serde::from_slice(&bytes).map_err(|source| RestoreError { rule, source })?;
+                    rs.groups.insert(g, gs);
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The last log position processed; the log is read again from the one after.
+    pub fn processed_seq(&self) -> u64 {
+        self.processed_seq
+    }
+
+    /// Events processed since the last checkpoint.
+    pub fn since_checkpoint(&self) -> u64 {
+        self.since_checkpoint
+    }
+
+    pub fn process(&mut self, input: Input<'_>, rules: &RuleSet) {
+        let seq = match &input {
+            Input::Event { seq, .. } | Input::Tick { seq, .. } | Input::Skip { seq } => *seq,
+        };
+        if seq <= self.processed_seq {
+            return;
+        }
+        self.processed_seq = seq;
+        self.since_checkpoint += 1;
+        match input {
+            Input::Event { seq, record } => self.on_event(seq, record, rules),
+            Input::Tick { seq, at_ms } => self.on_tick(seq, at_ms, rules),
+            Input::Skip { .. } => {}
+        }
+    }
+
+    fn on_event(&mut self, seq: u64, ev: &EventRecord, rules: &RuleSet) {
+        self.clock_ms = self.clock_ms.max(ev.received_at_ms);
+        let compiled = rules.tenants.get(&ev.tenant_id);
+        if seq > self.committed_seq {
+            self.count(ev, compiled.map(|c| &**c));
+        }
+        let Some(compiled) = compiled else {
+            if self.tenants.contains_key(&ev.tenant_id) {
+                self.drop_tenant(ev.tenant_id);
+            }
+            return;
+        };
+        let t = ev.occurred_at_ms.min(ev.received_at_ms.saturating_add(self.cfg.max_future_ms));
+        let clock = self.clock_ms;
+        let ts = self.tenants.entry(ev.tenant_id).or_default();
+        sync_tenant(ev.tenant_id, ts, compiled, clock, &mut self.out);
+        let idxs = match ts.by_type.get(ev.event_type.as_str()) {
+            Some(i) => i.clone(),
+            None => {
+                let i: Arc<[usize]> = compiled
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.types.matches(&ev.event_type))
+                    .map(|(i, _)| i)
+                    .collect();
+                ts.by_type.insert(ev.event_type.clone(), i.clone());
+                i
+            }
+        };
+        for &i in idxs.iter() {
+            let Some(rule) = compiled.rules.get(i) else { continue };
+            if rule.filter.as_ref().is_some_and(|f| !f.matches(ev)) {
+                continue;
+            }
+            let ctx = Ctx { tenant: ev.tenant_id, compiled, cfg: &self.cfg, clock_ms: clock, trigger: seq };
+            on_rule_event(&ctx, ts, rule, ev, t, &mut self.key, &mut self.out);
+        }
+    }
+
+    fn on_tick(&mut self, seq: u64, at_ms: i64, rules: &RuleSet) {
+        self.clock_ms = self.clock_ms.max(at_ms);
+        let clock = self.clock_ms;
+        let gone: Vec<TenantId> = self.tenants.keys().filter(|t| !rules.tenants.contains_key(t)).copied().collect();
+        for t in gone {
+            self.drop_tenant(t);
+        }
+        for (tenant, compiled) in &rules.tenants {
+            let ts = self.tenants.entry(*tenant).or_default();
+            sync_tenant(*tenant, ts, compiled, clock, &mut self.out);
+            let ctx = Ctx { tenant: *tenant, compiled, cfg: &self.cfg, clock_ms: clock, trigger: seq };
+            tick_tenant(&ctx, ts, &mut self.out);
+        }
+        self.tenants.retain(|_, ts| !ts.rules.is_empty() || ts.compiled.as_ref().is_some_and(|c| !c.rules.is_empty()));
+    }
+
+    /// Removes all state of a tenant that has no rules left.
+    fn drop_tenant(&mut self, tenant: TenantId) {
+        let Some(ts) = self.tenants.remove(&tenant) else { return };
+        for (rule_id, rs) in ts.rules {
+            drop_rule_state(tenant, rule_id, rs, self.clock_ms, &mut self.out);
+        }
+    }
+
+    /// Series and catalog increments for one event.
+    fn count(&mut self, ev: &EventRecord, compiled: Option<&TenantRules>) {
+        let minute = ev.occurred_at_ms.div_euclid(60_000);
+        let point = self.out.series.entry((ev.tenant_id, ev.event_type.clone(), minute)).or_default();
+        point.count += 1;
+        if let Some(compiled) = compiled {
+            for rule in &compiled.rules {
+                let Some(field) = rule.numeric_field() else { continue };
+                if !rule.types.matches(&ev.event_type) {
+                    continue;
+                }
+                if let Some(v) = field.resolve(ev).and_then(|v| v.as_f64()) {
+                    match point.sums.get_mut(field.as_str()) {
+                        Some(s) => *s += v,
+                        None => {
+                            point.sums.insert(field.as_str().to_string(), v);
+                        }
+                    }
+                }
+            }
+        }
+        let entry = self.out.catalog.entry((ev.tenant_id, ev.event_type.clone())).or_default();
+        let seen = CatalogEntry {
+            count: 1,
+            first_seen_ms: ev.received_at_ms,
+            last_seen_ms: ev.received_at_ms,
+            fields: Default::default(),
+            fields_truncated: false,
+        };
+        entry.merge(&seen);
+        let mut path = String::from("payload");
+        walk_fields(&ev.payload, &mut path, 1, entry);
+    }
+
+    /// Takes what was emitted since the last call. With `checkpoint`, also the state that
+    /// changed, and the returned meta says the stored state now reflects `processed_seq`.
+    pub fn take_effects(&mut self, checkpoint: bool) -> PartitionEffects {
+        let out = &mut self.out;
+        for (tenant, rule, group) in out.alert_dirty.drain(..) {
+            let g = self
+                .tenants
+                .get_mut(&tenant)
+                .and_then(|t| t.rules.get_mut(&rule))
+                .and_then(|r| r.groups.get_mut(&group));
+            if let Some(g) = g {
+                g.alert_dirty = false;
+                if let Some(open) = &g.open {
+                    out.alerts.push(open.clone());
+                }
+            }
+        }
+        metrics::counter!(telemetry::ALERTS_FIRED).increment(std::mem::take(&mut out.fired));
+        metrics::counter!(telemetry::ALERTS_RESOLVED).increment(std::mem::take(&mut out.resolved));
+        metrics::counter!(telemetry::RULE_LATE_EVENTS).increment(std::mem::take(&mut out.late));
+        metrics::counter!(telemetry::RULE_GROUPS_DROPPED).increment(std::mem::take(&mut out.dropped_groups));
+        let mut effects = PartitionEffects {
+            partition: self.partition,
+            meta: EngineMeta {
+                effects_seq: self.processed_seq.max(self.committed_seq),
+                state_seq: self.state_seq,
+                clock_ms: self.clock_ms,
+            },
+            alerts: std::mem::take(&mut out.alerts),
+            series: out
+                .series
+                .drain()
+                .map(|((tenant, event_type, minute), point)| SeriesDelta { tenant, event_type, minute, point })
+                .collect(),
+            catalog: out
+                .catalog
+                .drain()
+                .map(|((tenant, event_type), entry)| CatalogDelta { tenant, event_type, entry })
+                .collect(),
+            checkpoint: None,
+        };
+        if checkpoint {
+            let mut cp = StateCheckpoint { puts: Vec::new(), deletes: std::mem::take(&mut out.deletes) };
+            for key in out.state_dirty.drain(..) {
+                let Some(rs) = self.tenants.get_mut(&key.tenant).and_then(|t| t.rules.get_mut(&key.rule)) else {
+                    continue;
+                };
+                let bytes = match &key.group {
+                    None => {
+                        rs.meta_dirty = false;
+                        rmp_serde::to_vec_named(&rs.meta)
+                    }
+                    Some(g) => match rs.groups.get_mut(g) {
+                        Some(gs) => {
+                            gs.dirty = false;
+                            rmp_serde::to_vec_named(&*gs)
+                        }
+                        None => continue,
+                    },
+                };
+                match bytes {
+                    Ok(b) => cp.puts.push((key, b)),
+                    Err(e) => {
+                        tracing::error!(rule_id = %key.rule, error = %e, "cannot encode rule state; it will be rebuilt")
+                    }
+                }
+            }
+            self.state_seq = self.processed_seq;
+            effects.meta.state_seq = self.processed_seq;
+            effects.checkpoint = Some(cp);
+            self.since_checkpoint = 0;
+        }
+        effects
+    }
+
+    /// Per-rule statistics of this partition.
+    pub fn stats(&self) -> Vec<(TenantId, Uuid, RuleStats)> {
+        let mut out = Vec::new();
+        for (tenant, ts) in &self.tenants {
+            for (rule, rs) in &ts.rules {
+                let firing = rs.groups.values().filter(|g| g.open.is_some()).count();
+                out.push((
+                    *tenant,
+                    *rule,
+                    RuleStats { groups: rs.groups.len(), dropped_groups: rs.meta.dropped_groups, firing },
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Records the JSON types of the payload's fields (`payload.a.b`) into a catalog entry.
+fn walk_fields(obj: &serde_json::Map<String, Value>, path: &mut String, depth: usize, entry: &mut CatalogEntry) {
+    for (k, v) in obj {
+        let len = path.len();
+        path.push('.');
+        path.push_str(k);
+        let bits = match v {
+            Value::Null => json_type::NULL,
+            Value::Bool(_) => json_type::BOOLEAN,
+            Value::Number(_) => json_type::NUMBER,
+            Value::String(_) => json_type::STRING,
+            Value::Array(_) => json_type::ARRAY,
+            Value::Object(_) => json_type::OBJECT,
+        };
+        if let Some(b) = entry.fields.get_mut(path.as_str()) {
+            *b |= bits;
+        } else if entry.fields.len() < MAX_CATALOG_FIELDS {
+            entry.fields.insert(path.clone(), bits);
+        } else {
+            entry.fields_truncated = true;
+        }
+        if let Value::Object(inner) = v {
+            if depth < CATALOG_DEPTH {
+                walk_fields(inner, path, depth + 1, entry);
+            }
+        }
+        path.truncate(len);
+    }
+}
+
+struct Ctx<'a> {
+    tenant: TenantId,
+    compiled: &'a TenantRules,
+    cfg: &'a EngineConfig,
+    clock_ms: i64,
+    /// Log position of the message being processed (makes alert ids deterministic).
+    trigger: u64,
+}
+
+fn mark_dirty(out: &mut Out, tenant: TenantId, rule: Uuid, key: &str, g: &mut GroupState) {
+    if !g.dirty {
+        g.dirty = true;
+        out.state_dirty.push(StateKey { tenant, rule, group: Some(key.to_string()) });
+    }
+}
+
+fn mark_alert(out: &mut Out, tenant: TenantId, rule: Uuid, key: &str, g: &mut GroupState) {
+    if !g.alert_dirty {
+        g.alert_dirty = true;
+        out.alert_dirty.push((tenant, rule, key.to_string()));
+    }
+}
+
+/// Brings the tenant's rule states in line with its current rules: state of deleted rules is
+/// dropped (open alerts resolve), and a new version whose window, absence or group-by differs
+/// starts afresh.
+fn sync_tenant(tenant: TenantId, ts: &mut TenantState, compiled: &Arc<TenantRules>, clock: i64, out: &mut Out) {
+    if ts.compiled.as_ref().is_some_and(|c| Arc::ptr_eq(c, compiled)) {
+        return;
+    }
+    ts.compiled = Some(compiled.clone());
+    ts.by_type.clear();
+    let ids: Vec<Uuid> = ts.rules.keys().copied().collect();
+    for id in ids {
+        match compiled.get(&id) {
+            None => {
+                if let Some(rs) = ts.rules.remove(&id) {
+                    drop_rule_state(tenant, id, rs, clock, out);
+                }
+            }
+            Some(rule) => {
+                let Some(rs) = ts.rules.get_mut(&id) else { continue };
+                if rs.meta.version == rule.rule.version {
+                    continue;
+                }
+                if rs.meta.shape != rule.shape {
+                    if let Some(old) = ts.rules.remove(&id) {
+                        drop_rule_state(tenant, id, old, clock, out);
+                    }
+                    let rs = ts.rules.entry(id).or_default();
+                    rs.meta =
+                        RuleMeta { version: rule.rule.version, shape: rule.shape, dropped_groups: 0, since_ms: clock };
+                    rs.meta_dirty = true;
+                    out.state_dirty.push(StateKey { tenant, rule: id, group: None });
+                } else {
+                    rs.meta.version = rule.rule.version;
+                    if !rs.meta_dirty {
+                        rs.meta_dirty = true;
+                        out.state_dirty.push(StateKey { tenant, rule: id, group: None });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves a removed rule's open alerts and deletes its stored state.
+fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out: &mut Out) {
+    for (key, g) in rs.groups {
+        if let Some(mut alert) = g.open {
+            alert.state = AlertState::Resolved;
+            alert.resolved_at_ms = Some(clock);
+            out.alerts.push(alert);
+            out.resolved += 1;
+        }
+        out.deletes.push(StateKey { tenant, rule, group: Some(key) });
+    }
+    out.deletes.push(StateKey { tenant, rule, group: None });
+}
+
+fn rule_state<'a>(
+    ts: &'a mut TenantState,
+    rule: &CompiledRule,
+    clock: i64,
+    out: &mut Out,
+    tenant: TenantId,
+) -> &'a mut RuleState {
+    ts.rules.entry(rule.id()).or_insert_with(|| {
+        out.state_dirty.push(StateKey { tenant, rule: rule.id(), group: None });
+        RuleState {
+            meta: RuleMeta { version: rule.rule.version, shape: rule.shape, dropped_groups: 0, since_ms: clock },
+            meta_dirty: true,
+            groups: HashMap::new(),
+        }
+    })
+}
+
+fn on_rule_event(
+    ctx: &Ctx<'_>,
+    ts: &mut TenantState,
+    rule: &CompiledRule,
+    ev: &EventRecord,
+    t: i64,
+    key: &mut String,
+    out: &mut Out,
+) {
+    key.clear();
+    for p in &rule.group_by {
+        match p.resolve(ev) {
+            Some(v) => v.write_key(key),
+            None => key.push_str("null"),
+        }
+        key.push('\u{1f}');
+    }
+    let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
+    if !rs.groups.contains_key(key.as_str()) {
+        if rs.groups.len() >= ctx.cfg.max_groups_per_rule {
+            rs.meta.dropped_groups += 1;
+            out.dropped_groups += 1;
+            if !rs.meta_dirty {
+                rs.meta_dirty = true;
+                out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: None });
+            }
+            return;
+        }
+        let values = rule.group_by.iter().map(|p| p.resolve(ev).map_or(Value::Null, |v| v.to_json())).collect();
+        rs.groups.insert(key.clone(), GroupState::new(values, t, &rule.kind));
+        out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(key.clone()) });
+    }
+    let Some(g) = rs.groups.get_mut(key.as_str()) else { return };
+    match &rule.kind {
+        RuleKind::Event => {
+            if t > g.head_ms {
+                g.head_ms = t;
+            }
+            expire_event_alert(ctx, rule, g, key, out);
+            push_recent(g, &ev.id);
+            g.last_seen_ms = Some(g.last_seen_ms.map_or(t, |s| s.max(t)));
+            if let Some(open) = g.open.as_mut() {
+                open.value += 1.0;
+                open.event_ids = g.recent.iter().cloned().collect();
+                mark_alert(out, ctx.tenant, rule.id(), key, g);
+            } else if cooldown_over(rule, g, t) {
+                fire(ctx, rule, g, key, t, 1.0, out);
+                if rule.cooldown_ms == 0 {
+                    if let Some(mut a) = g.open.take() {
+                        a.state = AlertState::Resolved;
+                        a.resolved_at_ms = Some(t);
+                        if let Some(last) = out.alerts.last_mut().filter(|l| l.id == a.id) {
+                            *last = a;
+                        }
+                        out.resolved += 1;
+                    }
+                }
+            }
+        }
+        RuleKind::Window { spec, field } => {
+            if t < g.head_ms - ctx.cfg.allowed_lateness_ms {
+                out.late += 1;
+                return;
+            }
+            if t > g.head_ms {
+                g.head_ms = t;
+                if let Some(w) = g.window.as_mut() {
+                    w.advance(t);
+                }
+            }
+            let head = g.head_ms;
+            let Some(w) = g.window.as_mut() else { return };
+            let (value, distinct_buf);
+            match spec.aggregate {
+                super::spec::Aggregate::Distinct => {
+                    let mut s = String::new();
+                    if let Some(v) = field.as_ref().and_then(|f| f.resolve(ev)) {
+                        v.write_key(&mut s);
+                    }
+                    distinct_buf = (!s.is_empty()).then_some(s);
+                    value = None;
+                }
+                super::spec::Aggregate::Count => {
+                    distinct_buf = None;
+                    value = None;
+                }
+                _ => {
+                    distinct_buf = None;
+                    value = field.as_ref().and_then(|f| f.resolve(ev)).and_then(|v| v.as_f64());
+                }
+            }
+            if w.insert(head, t, value, distinct_buf.as_deref()) == Insert::TooLate {
+                out.late += 1;
+                return;
+            }
+            push_recent(g, &ev.id);
+            evaluate_window(ctx, rule, g, key, out);
+        }
+        RuleKind::Absence { .. } => {
+            push_recent(g, &ev.id);
+            g.last_seen_ms = Some(ev.received_at_ms.max(g.last_seen_ms.unwrap_or(i64::MIN)));
+            if let Some(mut a) = g.open.take() {
+                a.state = AlertState::Resolved;
+                a.resolved_at_ms = Some(ev.received_at_ms);
+                a.event_ids = g.recent.iter().cloned().collect();
+                out.alerts.push(a);
+                out.resolved += 1;
+            }
+        }
+    }
+    mark_dirty(out, ctx.tenant, rule.id(), key, g);
+}
+
+fn push_recent(g: &mut GroupState, id: &str) {
+    if g.recent.len() == EVENT_SAMPLE {
+        g.recent.pop_front();
+    }
+    g.recent.push_back(id.to_string());
+}
+
+fn cooldown_over(rule: &CompiledRule, g: &GroupState, at: i64) -> bool {
+    g.last_fired_ms.is_none_or(|f| at.saturating_sub(f) >= rule.cooldown_ms)
+}
+
+/// An event rule's open alert resolves once `cooldown` has passed since its last match.
+fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, out: &mut Out) {
+    let now = g.head_ms.max(ctx.clock_ms - ctx.cfg.allowed_lateness_ms);
+    let Some(last) = g.last_seen_ms else { return };
+    if g.open.is_some() && now >= last.saturating_add(rule.cooldown_ms) {
+        if let Some(mut a) = g.open.take() {
+            a.state = AlertState::Resolved;
+            a.resolved_at_ms = Some(last.saturating_add(rule.cooldown_ms));
+            out.alerts.push(a);
+            out.resolved += 1;
+            mark_dirty(out, ctx.tenant, rule.id(), key, g);
+        }
+    }
+}
+
+fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, out: &mut Out) {
+    let RuleKind::Window { spec, .. } = &rule.kind else { return };
+    let at = g.head_ms;
+    let value = g.window.as_ref().and_then(|w| w.value(spec.aggregate));
+    let holds = value.is_some_and(|v| spec.op.holds(v, spec.threshold));
+    if holds {
+        if g.open.is_some() {
+            return;
+        }
+        let since = *g.pending_since_ms.get_or_insert(at);
+        if at - since >= rule.for_ms && cooldown_over(rule, g, at) {
+            fire(ctx, rule, g, key, at, value.unwrap_or_default(), out);
+        }
+    } else {
+        g.pending_since_ms = None;
+        if let Some(mut a) = g.open.take() {
+            a.state = AlertState::Resolved;
+            a.resolved_at_ms = Some(at);
+            out.alerts.push(a);
+            out.resolved += 1;
+        }
+    }
+}
+
+fn fire(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, at: i64, value: f64, out: &mut Out) {
+    let spec = &rule.rule.spec;
+    let group: std::collections::BTreeMap<String, Value> =
+        spec.group_by.iter().cloned().zip(g.values.iter().cloned()).collect();
+    let silence_id =
+        ctx.compiled.silences.iter().find(|s| s.matches(at, &rule.rule.id, &spec.labels, &group)).map(|s| s.id);
+    let (kind, threshold, op, aggregate, window_seconds) = match &rule.kind {
+        RuleKind::Event => (AlertKind::Event, None, None, None, None),
+        RuleKind::Window { spec: w, .. } => {
+            (AlertKind::Window, Some(w.threshold), Some(w.op), Some(w.aggregate), Some(w.seconds))
+        }
+        RuleKind::Absence { ms } => {
+            (AlertKind::Absence, Some((*ms / 1000) as f64), None, None, Some((*ms / 1000) as u64))
+        }
+    };
+    let alert = Alert {
+        id: alert_id(at, &ctx.tenant, &rule.rule.id, key, ctx.trigger),
+        tenant_id: ctx.tenant,
+        rule_id: rule.rule.id,
+        rule_version: rule.rule.version,
+        rule_name: spec.name.clone(),
+        kind,
+        severity: spec.severity,
+        labels: spec.labels.clone(),
+        group,
+        value,
+        threshold,
+        op,
+        aggregate,
+        window_seconds,
+        state: AlertState::Firing,
+        fired_at_ms: at,
+        resolved_at_ms: None,
+        event_ids: g.recent.iter().cloned().collect(),
+        silence_id,
+        actions: spec.actions.clone(),
+    };
+    g.last_fired_ms = Some(at);
+    g.pending_since_ms = None;
+    g.open = Some(alert.clone());
+    out.alerts.push(alert);
+    out.fired += 1;
+}
+
+/// Time-driven transitions of one tenant's rules at a tick.
+fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
+    let watermark = ctx.clock_ms - ctx.cfg.allowed_lateness_ms;
+    for rule in &ctx.compiled.rules {
+        // An ungrouped absence rule watches from the moment it appears, even with no event yet.
+        if matches!(rule.kind, RuleKind::Absence { .. }) && rule.group_by.is_empty() {
+            let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
+            if !rs.groups.contains_key("") {
+                let since = rs.meta.since_ms;
+                let mut g = GroupState::new(Vec::new(), since, &rule.kind);
+                g.last_seen_ms = Some(since);
+                rs.groups.insert(String::new(), g);
+                out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(String::new()) });
+            }
+        }
+    }
+    for (rule_id, rs) in ts.rules.iter_mut() {
+        let Some(rule) = ctx.compiled.get(rule_id) else { continue };
+        let mut idle = Vec::new();
+        for (key, g) in rs.groups.iter_mut() {
+            match &rule.kind {
+                RuleKind::Window { .. } => {
+                    if g.head_ms < watermark {
+                        g.head_ms = watermark;
+                        if let Some(w) = g.window.as_mut() {
+                            w.advance(watermark);
+                        }
+                        evaluate_window(ctx, rule, g, key, out);
+                        mark_dirty(out, ctx.tenant, *rule_id, key, g);
+                    }
+                    let empty = g.window.as_ref().is_none_or(|w| w.is_empty());
+                    if empty && g.open.is_none() && g.pending_since_ms.is_none() && cooldown_over(rule, g, g.head_ms) {
+                        idle.push(key.clone());
+                    }
+                }
+                RuleKind::Event => {
+                    expire_event_alert(ctx, rule, g, key, out);
+                    let now = g.head_ms.max(watermark);
+                    if g.open.is_none() && cooldown_over(rule, g, now) {
+                        idle.push(key.clone());
+                    }
+                }
+                RuleKind::Absence { ms } => {
+                    let Some(last) = g.last_seen_ms else { continue };
+                    if g.open.is_none() && ctx.clock_ms.saturating_sub(last) >= *ms {
+                        let silent_s = (ctx.clock_ms - last) as f64 / 1000.0;
+                        fire(ctx, rule, g, key, last.saturating_add(*ms), silent_s, out);
+                        mark_dirty(out, ctx.tenant, *rule_id, key, g);
+                    }
+                }
+            }
+        }
+        for key in idle {
+            rs.groups.remove(&key);
+            out.deletes.push(StateKey { tenant: ctx.tenant, rule: *rule_id, group: Some(key) });
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Sliding event-time windows.
+//!
+//! A window of N seconds is kept as buckets of `width` seconds each (1 s for windows up to an
+//! hour, N/3600 s rounded up above that, so a window never holds more than 3,600 buckets).
+//! At head time `h`, the window holds the buckets whose index lies in `(b(h) - N/width, b(h)]`,
+//! where `b(t) = floor(t / width)`: with 1-second buckets, an event counts while its
+//! `occurred_at` second is one of the last N seconds up to and including the head's second.
+//!
+//! Count is exact. Sum is kept incrementally on insert and recomputed from the buckets whenever
+//! a bucket leaves, so rounding never accumulates across expiries; min and max are recomputed
+//! the same way. Distinct keeps, for each value, the newest bucket it was seen in; the value
+//! leaves when that bucket does.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::Aggregate;
+
+/// Most buckets a window keeps.
+pub const MAX_BUCKETS: u64 = 3_600;
+
+/// Bucket width in milliseconds for a window of `seconds`.
+pub fn bucket_width_ms(seconds: u64) -> i64 {
+    let width_s = seconds.div_ceil(MAX_BUCKETS).max(1);
+    (width_s * 1000) as i64
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Bucket {
+    idx: i64,
+    count: u64,
+    /// Events in the bucket that carried a numeric value.
+    numeric: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    /// Distinct values whose newest sighting was (at the time) this bucket.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    values: Vec<String>,
+}
+
+/// One group's window state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    width_ms: i64,
+    /// Number of buckets the window spans.
+    span: i64,
+    buckets: VecDeque<Bucket>,
+    count: u64,
+    /// Events that carried a numeric value (sum/avg/min/max).
+    numeric: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    /// Distinct value → index of the newest bucket it was seen in.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    distinct: HashMap<String, i64>,
+}
+
+/// What happened to an inserted observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    Counted,
+    /// Older than the window at its head: it can no longer change the result.
+    TooLate,
+}
+
+impl Window {
+    pub fn new(seconds: u64) -> Window {
+        let width_ms = bucket_width_ms(seconds);
+        let span = ((seconds as i64) * 1000).div_euclid(width_ms).max(1);
+        Window {
+            width_ms,
+            span,
+            buckets: VecDeque::new(),
+            count: 0,
+            numeric: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            distinct: HashMap::new(),
+        }
+    }
+
+    fn idx(&self, t_ms: i64) -> i64 {
+        t_ms.div_euclid(self.width_ms)
+    }
+
+    /// The lowest bucket index still inside the window at `head_ms`.
+    fn first_idx(&self, head_ms: i64) -> i64 {
+        self.idx(head_ms) - self.span + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Adds one event at `t_ms` to a window whose head is `head_ms` (callers advance the head
+    /// first when the event is newer). `value` is the numeric field (sum/avg/min/max) and
+    /// `distinct` the rendered value (distinct); an event without a value still counts.
+    pub fn insert(&mut self, head_ms: i64, t_ms: i64, value: Option<f64>, distinct: Option<&str>) -> Insert {
+        let idx = self.idx(t_ms);
+        if idx < self.first_idx(head_ms) {
+            return Insert::TooLate;
+        }
+        let pos = match self.buckets.iter().rposition(|b| b.idx <= idx) {
+            Some(p) if self.buckets[p].idx == idx => p,
+            found => {
+                let at = found.map_or(0, |p| p + 1);
+                let b = Bucket {
+                    idx,
+                    count: 0,
+                    numeric: 0,
+                    sum: 0.0,
+                    min: f64::INFINITY,
+                    max: f64::NEG_INFINITY,
+                    values: vec![],
+                };
+                self.buckets.insert(at, b);
+                at
+            }
+        };
+        let b = &mut self.buckets[pos];
+        b.count += 1;
+        self.count += 1;
+        if let Some(v) = value.filter(|v| v.is_finite()) {
+            b.numeric += 1;
+            b.sum += v;
+            b.min = b.min.min(v);
+            b.max = b.max.max(v);
+            self.numeric += 1;
+            self.sum += v;
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        if let Some(d) = distinct {
+            let newest = self.distinct.get(d).copied();
+            if newest.is_none_or(|n| n < idx) {
+                self.distinct.insert(d.to_string(), idx);
+                b.values.push(d.to_string());
+            }
+        }
+        Insert::Counted
+    }
+
+    /// Drops the buckets that fell out of the window at `head_ms`.
+    pub fn advance(&mut self, head_ms: i64) {
+        let first = self.first_idx(head_ms);
+        let mut dropped = false;
+        while self.buckets.front().is_some_and(|b| b.idx < first) {
+            let Some(b) = self.buckets.pop_front() else { break };
+            self.count -= b.count;
+            for v in b.values {
+                if self.distinct.get(&v) == Some(&b.idx) {
+                    self.distinct.remove(&v);
+                }
+            }
+            dropped = true;
+        }
+        if dropped {
+            self.recompute();
+        }
+    }
+
+    fn recompute(&mut self) {
+        self.sum = 0.0;
+        self.min = f64::INFINITY;
+        self.max = f64::NEG_INFINITY;
+        self.numeric = 0;
+        for b in &self.buckets {
+            self.numeric += b.numeric;
+            self.sum += b.sum;
+            self.min = self.min.min(b.min);
+            self.max = self.max.max(b.max);
+        }
+    }
+
+    /// The aggregate over the window; `None` when it has no data (avg, min and max of nothing).
+    pub fn value(&self, aggregate: Aggregate) -> Option<f64> {
+        match aggregate {
+            Aggregate::Count => Some(self.count as f64),
+            Aggregate::Sum => Some(self.sum),
+            Aggregate::Distinct => Some(self.distinct.len() as f64),
+            Aggregate::Min => (self.numeric > 0).then_some(self.min),
+            Aggregate::Max => (self.numeric > 0).then_some(self.max),
+            Aggregate::Avg => (self.numeric > 0).then(|| self.sum / self.numeric as f64),
+        }
+    }
+}
