@@ -208,3 +208,85 @@ async fn kill_9_while_producing_loses_and_duplicates_nothing_acknowledged() {
     assert!(ids.len() - want.len() <= 3 * 20, "stored {} vs acknowledged {}", ids.len(), want.len());
     assert!(terminate(&mut child).success());
 }
+
+/// kill -9 in the middle of a window, twice: before the threshold is reached and right after
+/// the alert fired. After each restart the partition replays from its checkpoint; the window
+/// still holds what it held, exactly one alert exists, and series count every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_window_keeps_one_alert_and_exact_counts() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let http = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{http}");
+    let log = dir.path().join("node.log");
+    let args = ["node", "--data-dir", data.to_str().unwrap(), "--http", &http];
+    let envs = [
+        ("SIGNALOPS_NATS__URL", nats.url.as_str()),
+        ("SIGNALOPS_ADMIN_TOKEN", ADMIN),
+        ("SIGNALOPS_STREAM__PARTITIONS", "4"),
+        // Checkpoints rarely, so the crash lands between checkpoints and recovery must replay.
+        ("SIGNALOPS_RULES__CHECKPOINT_INTERVAL_MS", "60000"),
+        ("SIGNALOPS_RULES__TICK_INTERVAL_MS", "200"),
+    ];
+    let mut child = spawn_binary(&args, &envs, &log);
+    wait_ready(&base, &mut child, &log).await;
+    let (_, api) = Api::new(&base, ADMIN).create_tenant("windows", None).await;
+    let rule = json!({"name": "Five failures", "event_types": ["payment.failed"], "group_by": ["payload.card"],
+                      "window": {"seconds": 600, "aggregate": "count", "op": "gte", "threshold": 5}});
+    let (status, v) = api.post("/v1/rules", &rule).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let send = |n: usize, tag: &'static str| {
+        let api = api.clone();
+        async move {
+            let events: Vec<Value> = (0..n)
+                .map(|i| json!({"type": "payment.failed", "id": format!("{tag}-{i}"), "payload": {"card": "c1"}}))
+                .collect();
+            let (status, v) = api.post("/v1/events", &json!({ "events": events })).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+            for i in 0..n {
+                api.wait_event(&format!("{tag}-{i}")).await;
+            }
+        }
+    };
+    let series_total = |api: Api| async move {
+        let (_, v) = api.get("/v1/metrics/series?type=payment.failed&interval=1h").await;
+        v["points"].as_array().map(|p| p.iter().map(|p| p["count"].as_u64().unwrap_or(0)).sum::<u64>())
+    };
+
+    // Three of five, then a crash.
+    send(3, "a").await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = spawn_binary(&args, &envs, &log);
+    wait_ready(&base, &mut child, &log).await;
+    // Two more reach the threshold: the window kept the first three.
+    send(2, "b").await;
+    let alerts = crate::rules::wait_alerts(&api, "?state=firing", "alert after restart", |a| !a.is_empty()).await;
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0]["value"], 5.0);
+    let alert_id = alerts[0]["id"].as_str().unwrap().to_string();
+
+    // Crash again right after the alert: the replay must not fire it a second time.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut child = spawn_binary(&args, &envs, &log);
+    wait_ready(&base, &mut child, &log).await;
+    send(1, "c").await;
+    let total = eventually(30, "series count every event once", || {
+        let api = api.clone();
+        async move { series_total(api).await.filter(|t| *t >= 6) }
+    })
+    .await;
+    assert_eq!(total, 6, "no increment is repeated by the replays");
+    // Let a few ticks pass to give any duplicate the chance to appear.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let (_, all) = api.get("/v1/alerts").await;
+    let all = all["alerts"].as_array().unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["id"], alert_id.as_str());
+    assert_eq!(all[0]["state"], "firing");
+    let (_, cat) = api.get("/v1/catalog").await;
+    assert_eq!(cat["event_types"][0]["count"], 6);
+    assert!(terminate(&mut child).success());
+}

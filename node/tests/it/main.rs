@@ -8,3 +8,4 @@ mod harness;
 mod idempotency;
 mod ingest;
 mod nats;
+mod rules;
