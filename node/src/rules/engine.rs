@@ -843,3 +843,177 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::compiled::Rule;
+    use crate::rules::spec::{parse_rule, RuleLimits};
+    use serde_json::json;
+
+    const S: i64 = 1000;
+
+    fn tenant() -> TenantId {
+        Uuid::from_u128(7)
+    }
+
+    fn rules(defs: &[Value]) -> RuleSet {
+        let mut versions = std::collections::BTreeMap::new();
+        for (i, d) in defs.iter().enumerate() {
+            let spec = parse_rule(d, &RuleLimits::default()).unwrap();
+            let id = Uuid::from_u128(100 + i as u128);
+            versions.insert(
+                id,
+                vec![Rule { id, tenant_id: tenant(), version: 1, spec, created_at_ms: 0, updated_at_ms: 0 }],
+            );
+        }
+        let tr = TenantRules::build(&versions, tenant(), Vec::new());
+        RuleSet { revision: 1, tenants: [(tenant(), Arc::new(tr))].into_iter().collect() }
+    }
+
+    fn event(id: &str, t: i64, payload: Value) -> EventRecord {
+        EventRecord {
+            id: id.into(),
+            tenant_id: tenant(),
+            event_type: "payment.failed".into(),
+            payload: payload.as_object().cloned().unwrap_or_default(),
+            source: None,
+            user_id: None,
+            session_id: None,
+            occurred_at_ms: t,
+            received_at_ms: t,
+            idempotency_key: None,
+        }
+    }
+
+    fn cfg() -> EngineConfig {
+        EngineConfig { allowed_lateness_ms: 5 * S, max_future_ms: 60 * S, max_groups_per_rule: 3 }
+    }
+
+    /// Runs inputs and returns every alert write, in order.
+    fn run(engine: &mut Engine, set: &RuleSet, inputs: Vec<Input<'_>>) -> Vec<Alert> {
+        let mut out = Vec::new();
+        for i in inputs {
+            engine.process(i, set);
+            out.extend(engine.take_effects(false).alerts);
+        }
+        out
+    }
+
+    fn count_rule(threshold: f64, op: &str) -> Value {
+        json!({"name": "r", "event_types": ["payment.*"], "group_by": ["payload.card"],
+               "window": {"seconds": 10, "aggregate": "count", "op": op, "threshold": threshold}})
+    }
+
+    #[test]
+    fn exactly_at_threshold_fires_for_gte_not_gt() {
+        for (op, fires) in [("gte", true), ("gt", false)] {
+            let set = rules(&[count_rule(3.0, op)]);
+            let mut e = Engine::new(0, cfg());
+            let evs: Vec<EventRecord> = (0..3).map(|i| event(&format!("e{i}"), i * S, json!({"card": "c"}))).collect();
+            let inputs = evs.iter().enumerate().map(|(i, r)| Input::Event { seq: i as u64 + 1, record: r }).collect();
+            let alerts = run(&mut e, &set, inputs);
+            assert_eq!(alerts.len(), usize::from(fires), "{op}");
+            if fires {
+                assert_eq!(alerts[0].value, 3.0);
+                assert_eq!(alerts[0].fired_at_ms, 2 * S);
+                assert_eq!(alerts[0].event_ids, ["e0", "e1", "e2"]);
+            }
+        }
+    }
+
+    #[test]
+    fn redelivered_positions_count_once_and_replays_are_deterministic() {
+        let set = rules(&[count_rule(2.0, "gte")]);
+        let evs: Vec<EventRecord> = (0..4).map(|i| event(&format!("e{i}"), i * S, json!({"card": "c"}))).collect();
+        let inputs = || evs.iter().enumerate().map(|(i, r)| Input::Event { seq: i as u64 + 1, record: r });
+        let mut a = Engine::new(0, cfg());
+        let first = run(&mut a, &set, inputs().chain(inputs()).collect());
+        assert_eq!(first.len(), 1, "the second pass is at positions already processed");
+        let mut b = Engine::new(0, cfg());
+        let again = run(&mut b, &set, inputs().collect());
+        assert_eq!(first, again, "the same log gives the same alerts, ids included");
+    }
+
+    #[test]
+    fn late_and_out_of_order_events() {
+        let set = rules(&[count_rule(3.0, "gte")]);
+        let mut e = Engine::new(0, cfg());
+        let (a, b, late, inside) = (
+            event("a", 20 * S, json!({"card": "c"})),
+            event("b", 21 * S, json!({"card": "c"})),
+            event("late", 14 * S, json!({"card": "c"})),
+            event("inside", 18 * S, json!({"card": "c"})),
+        );
+        let alerts = run(
+            &mut e,
+            &set,
+            vec![
+                Input::Event { seq: 1, record: &a },
+                Input::Event { seq: 2, record: &b },
+                // More than the allowed lateness (5 s) behind the head: not counted.
+                Input::Event { seq: 3, record: &late },
+            ],
+        );
+        assert!(alerts.is_empty());
+        // Out of order but within lateness and window: counts, and the count reaches 3.
+        let alerts = run(&mut e, &set, vec![Input::Event { seq: 4, record: &inside }]);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].fired_at_ms, 21 * S, "windows are evaluated at the group's head");
+    }
+
+    #[test]
+    fn ticks_resolve_windows_and_fire_absence_at_the_deadline() {
+        let set = rules(&[
+            count_rule(1.0, "gte"),
+            json!({"name": "quiet", "event_types": ["payment.*"], "absence": {"seconds": 30}}),
+        ]);
+        let mut e = Engine::new(0, cfg());
+        let ev = event("x", 100 * S, json!({"card": "c"}));
+        let fired = run(&mut e, &set, vec![Input::Event { seq: 1, record: &ev }]);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].state, AlertState::Firing);
+        // Watermark = tick - lateness; the 10 s window at head 100 s empties once the head
+        // passes 109.999 s, i.e. at a tick of 115 s.
+        assert!(run(&mut e, &set, vec![Input::Tick { seq: 2, at_ms: 114 * S }]).is_empty());
+        let resolved = run(&mut e, &set, vec![Input::Tick { seq: 3, at_ms: 115 * S }]);
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(
+            (resolved[0].id, resolved[0].state, resolved[0].resolved_at_ms),
+            (fired[0].id, AlertState::Resolved, Some(110 * S))
+        );
+        // Absence: 30 s after the last event was received, whenever the tick comes.
+        let absent = run(&mut e, &set, vec![Input::Tick { seq: 4, at_ms: 200 * S }]);
+        assert_eq!(absent.len(), 1);
+        assert_eq!((absent[0].kind, absent[0].fired_at_ms), (AlertKind::Absence, 130 * S));
+        assert!(run(&mut e, &set, vec![Input::Tick { seq: 5, at_ms: 300 * S }]).is_empty(), "once per silence");
+    }
+
+    #[test]
+    fn group_limit_drops_new_groups_and_counts_them() {
+        let set = rules(&[count_rule(100.0, "gte")]);
+        let mut e = Engine::new(0, cfg());
+        let evs: Vec<EventRecord> =
+            (0..5).map(|i| event(&format!("e{i}"), S, json!({"card": format!("c{i}")}))).collect();
+        run(&mut e, &set, evs.iter().enumerate().map(|(i, r)| Input::Event { seq: i as u64 + 1, record: r }).collect());
+        let stats = e.stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!((stats[0].2.groups, stats[0].2.dropped_groups), (3, 2));
+    }
+
+    #[test]
+    fn checkpoint_and_restore_continue_the_window() {
+        let set = rules(&[count_rule(3.0, "gte")]);
+        let evs: Vec<EventRecord> = (0..3).map(|i| event(&format!("e{i}"), i * S, json!({"card": "c"}))).collect();
+        let mut e = Engine::new(0, cfg());
+        run(&mut e, &set, vec![Input::Event { seq: 1, record: &evs[0] }, Input::Event { seq: 2, record: &evs[1] }]);
+        let effects = e.take_effects(true);
+        assert_eq!((effects.meta.state_seq, effects.meta.effects_seq), (2, 2));
+        let cp = effects.checkpoint.unwrap();
+        let mut restored = Engine::restore(0, cfg(), effects.meta, cp.puts).unwrap();
+        assert_eq!(restored.processed_seq(), 2);
+        let alerts = run(&mut restored, &set, vec![Input::Event { seq: 3, record: &evs[2] }]);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].value, 3.0);
+    }
+}

@@ -192,3 +192,86 @@ impl Window {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1000;
+
+    #[test]
+    fn window_bounds_are_the_last_n_seconds_including_the_head() {
+        let mut w = Window::new(10);
+        assert_eq!(w.insert(0, 0, None, None), Insert::Counted);
+        assert_eq!(w.insert(9 * S, 9 * S + 999, None, None), Insert::Counted);
+        w.advance(9 * S + 999);
+        assert_eq!(w.value(Aggregate::Count), Some(2.0), "seconds 0..=9 are inside a 10 s window at second 9");
+        w.advance(10 * S);
+        assert_eq!(w.value(Aggregate::Count), Some(1.0), "second 0 leaves when the head reaches second 10");
+        assert_eq!(w.insert(10 * S, 0, None, None), Insert::TooLate, "an event outside the window is late");
+        assert_eq!(w.insert(10 * S, 5 * S, None, None), Insert::Counted, "an out-of-order event inside still counts");
+        assert_eq!(w.value(Aggregate::Count), Some(2.0));
+        w.advance(100 * S);
+        assert!(w.is_empty());
+        assert_eq!(w.value(Aggregate::Count), Some(0.0));
+    }
+
+    #[test]
+    fn numeric_aggregates_skip_events_without_a_value() {
+        let mut w = Window::new(60);
+        for (t, v) in [(1, Some(1.0)), (2, None), (3, Some(10.0)), (4, Some(4.0))] {
+            w.insert(t * S, t * S, v, None);
+        }
+        assert_eq!(w.value(Aggregate::Count), Some(4.0));
+        assert_eq!(w.value(Aggregate::Sum), Some(15.0));
+        assert_eq!(w.value(Aggregate::Avg), Some(5.0));
+        assert_eq!(w.value(Aggregate::Min), Some(1.0));
+        assert_eq!(w.value(Aggregate::Max), Some(10.0));
+        // The bucket holding the minimum leaves: min and the sums are recomputed.
+        w.advance(61 * S);
+        assert_eq!(w.value(Aggregate::Min), Some(4.0));
+        assert_eq!(w.value(Aggregate::Sum), Some(14.0));
+        assert_eq!(w.value(Aggregate::Avg), Some(7.0));
+        assert_eq!(w.value(Aggregate::Count), Some(3.0));
+        w.advance(70 * S);
+        assert_eq!((w.value(Aggregate::Avg), w.value(Aggregate::Min), w.value(Aggregate::Max)), (None, None, None));
+        assert_eq!(w.value(Aggregate::Sum), Some(0.0));
+    }
+
+    #[test]
+    fn sums_do_not_drift_across_expiries() {
+        let mut w = Window::new(5);
+        for t in 0..10_000 {
+            w.insert(t * S, t * S, Some(0.1), None);
+            w.advance(t * S);
+        }
+        let sum = w.value(Aggregate::Sum).unwrap();
+        assert!((sum - 0.5).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn distinct_counts_each_value_once_while_any_sighting_is_inside() {
+        let mut w = Window::new(10);
+        w.insert(0, 0, None, Some("a"));
+        w.insert(1 * S, S, None, Some("b"));
+        w.insert(5 * S, 5 * S, None, Some("a"));
+        w.insert(5 * S, 5 * S, None, Some("a"));
+        assert_eq!(w.value(Aggregate::Distinct), Some(2.0));
+        w.advance(12 * S);
+        assert_eq!(w.value(Aggregate::Distinct), Some(1.0), "b left; a stays through its later sighting");
+        w.advance(15 * S);
+        assert_eq!(w.value(Aggregate::Distinct), Some(0.0));
+    }
+
+    #[test]
+    fn long_windows_use_wider_buckets() {
+        assert_eq!(bucket_width_ms(3600), 1000);
+        assert_eq!(bucket_width_ms(86_400), 24_000);
+        let mut w = Window::new(86_400);
+        w.insert(0, 0, None, None);
+        w.advance(86_399 * S);
+        assert_eq!(w.value(Aggregate::Count), Some(1.0));
+        w.advance(86_400 * S);
+        assert_eq!(w.value(Aggregate::Count), Some(0.0));
+    }
+}
