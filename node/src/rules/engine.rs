@@ -21,7 +21,7 @@
 //! positions at or below `committed_seq` (already committed before a restart). Alert ids are
 //! deterministic, so re-deriving an alert during recovery rewrites the same record.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,9 @@ use super::effects::{
 use super::window::{Insert, Window};
 use crate::model::{EventRecord, TenantId};
 use crate::telemetry;
+
+/// Hash maps on the event path: seeded foldhash (much cheaper than SipHash for short keys).
+type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// How many triggering event ids an alert keeps.
 pub const EVENT_SAMPLE: usize = 10;
@@ -86,7 +89,7 @@ struct GroupState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_seen_ms: Option<i64>,
     #[serde(default)]
-    recent: VecDeque<String>,
+    recent: VecDeque<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pending_since_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,23 +128,32 @@ impl GroupState {
 struct RuleState {
     meta: RuleMeta,
     meta_dirty: bool,
-    groups: HashMap<String, GroupState>,
+    /// Boxed so the table stays small and probes stay in cache.
+    groups: FastMap<String, Box<GroupState>>,
+}
+
+/// The compiled rules one event type meets.
+#[derive(Debug, Clone)]
+struct TypeIndex {
+    /// Indexes of the rules matching the type.
+    rules: Arc<[usize]>,
+    /// Of those, one rule per distinct numeric field (for series sums).
+    sum_fields: Arc<[usize]>,
 }
 
 #[derive(Debug, Default)]
 struct TenantState {
     compiled: Option<Arc<TenantRules>>,
-    /// Event type → indexes of the compiled rules it matches.
-    by_type: HashMap<String, Arc<[usize]>>,
-    rules: HashMap<Uuid, RuleState>,
+    by_type: FastMap<String, TypeIndex>,
+    rules: FastMap<Uuid, RuleState>,
 }
 
 /// Buffers of what the engine emits between two `take_effects`.
 #[derive(Default)]
 struct Out {
     alerts: Vec<Alert>,
-    series: HashMap<(TenantId, String, i64), SeriesPoint>,
-    catalog: HashMap<(TenantId, String), CatalogEntry>,
+    series: FastMap<(TenantId, String, i64), SeriesPoint>,
+    catalog: FastMap<(TenantId, String), CatalogEntry>,
     /// Groups whose open alert changed (written at the end of the batch).
     alert_dirty: Vec<(TenantId, Uuid, String)>,
     /// Groups and rule metas changed since the last checkpoint.
@@ -171,7 +183,7 @@ pub struct Engine {
     clock_ms: i64,
     /// The position the stored state reflects (the last checkpoint).
     state_seq: u64,
-    tenants: HashMap<TenantId, TenantState>,
+    tenants: FastMap<TenantId, TenantState>,
     out: Out,
     /// Reusable buffer for group keys.
     key: String,
@@ -196,7 +208,7 @@ impl Engine {
             committed_seq: 0,
             clock_ms: 0,
             state_seq: 0,
-            tenants: HashMap::new(),
+            tenants: FastMap::default(),
             out: Out::default(),
             key: String::new(),
             since_checkpoint: 0,
@@ -224,7 +236,7 @@ impl Engine {
                 Some(g) => {
                     let gs: GroupState =
                         rmp_serde::from_slice(&bytes).map_err(|source| RestoreError { rule, source })?;
-                    rs.groups.insert(g, gs);
+                    rs.groups.insert(g, Box::new(gs));
                 }
             }
         }
@@ -263,41 +275,43 @@ impl Engine {
 
     fn on_event(&mut self, seq: u64, ev: &EventRecord, rules: &RuleSet) {
         self.clock_ms = self.clock_ms.max(ev.received_at_ms);
-        let compiled = rules.tenants.get(&ev.tenant_id);
-        if seq > self.committed_seq {
-            self.count(ev, compiled.map(|c| &**c));
-        }
-        let Some(compiled) = compiled else {
+        let counts = seq > self.committed_seq;
+        let Some(compiled) = rules.tenants.get(&ev.tenant_id) else {
+            if counts {
+                self.count(ev, None, &[]);
+            }
             if self.tenants.contains_key(&ev.tenant_id) {
                 self.drop_tenant(ev.tenant_id);
             }
             return;
         };
-        let t = ev.occurred_at_ms.min(ev.received_at_ms.saturating_add(self.cfg.max_future_ms));
         let clock = self.clock_ms;
         let ts = self.tenants.entry(ev.tenant_id).or_default();
         sync_tenant(ev.tenant_id, ts, compiled, clock, &mut self.out);
-        let idxs = match ts.by_type.get(ev.event_type.as_str()) {
+        let index = match ts.by_type.get(ev.event_type.as_str()) {
             Some(i) => i.clone(),
             None => {
-                let i: Arc<[usize]> = compiled
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.types.matches(&ev.event_type))
-                    .map(|(i, _)| i)
-                    .collect();
+                let i = type_index(compiled, &ev.event_type);
                 ts.by_type.insert(ev.event_type.clone(), i.clone());
                 i
             }
         };
-        for &i in idxs.iter() {
+        if counts {
+            self.count(ev, Some(compiled), &index.sum_fields);
+        }
+        if index.rules.is_empty() {
+            return;
+        }
+        let Some(ts) = self.tenants.get_mut(&ev.tenant_id) else { return };
+        let t = ev.occurred_at_ms.min(ev.received_at_ms.saturating_add(self.cfg.max_future_ms));
+        let id: Arc<str> = Arc::from(ev.id.as_str());
+        let ctx = Ctx { tenant: ev.tenant_id, compiled, cfg: &self.cfg, clock_ms: clock, trigger: seq };
+        for &i in index.rules.iter() {
             let Some(rule) = compiled.rules.get(i) else { continue };
             if rule.filter.as_ref().is_some_and(|f| !f.matches(ev)) {
                 continue;
             }
-            let ctx = Ctx { tenant: ev.tenant_id, compiled, cfg: &self.cfg, clock_ms: clock, trigger: seq };
-            on_rule_event(&ctx, ts, rule, ev, t, &mut self.key, &mut self.out);
+            on_rule_event(&ctx, ts, rule, ev, &id, t, &mut self.key, &mut self.out);
         }
     }
 
@@ -325,17 +339,15 @@ impl Engine {
         }
     }
 
-    /// Series and catalog increments for one event.
-    fn count(&mut self, ev: &EventRecord, compiled: Option<&TenantRules>) {
+    /// Series and catalog increments for one event; `sum_fields` are the rules whose numeric
+    /// fields the series sums.
+    fn count(&mut self, ev: &EventRecord, compiled: Option<&Arc<TenantRules>>, sum_fields: &[usize]) {
         let minute = ev.occurred_at_ms.div_euclid(60_000);
         let point = self.out.series.entry((ev.tenant_id, ev.event_type.clone(), minute)).or_default();
         point.count += 1;
         if let Some(compiled) = compiled {
-            for rule in &compiled.rules {
-                let Some(field) = rule.numeric_field() else { continue };
-                if !rule.types.matches(&ev.event_type) {
-                    continue;
-                }
+            for &i in sum_fields {
+                let Some(field) = compiled.rules.get(i).and_then(|r| r.numeric_field()) else { continue };
                 if let Some(v) = field.resolve(ev).and_then(|v| v.as_f64()) {
                     match point.sums.get_mut(field.as_str()) {
                         Some(s) => *s += v,
@@ -449,6 +461,19 @@ impl Engine {
         }
         out
     }
+}
+
+/// Which rules an event type meets, and which of them carry the series' numeric fields.
+fn type_index(compiled: &TenantRules, event_type: &str) -> TypeIndex {
+    let rules: Vec<usize> =
+        compiled.rules.iter().enumerate().filter(|(_, r)| r.types.matches(event_type)).map(|(i, _)| i).collect();
+    let mut seen = std::collections::HashSet::new();
+    let sum_fields: Vec<usize> = rules
+        .iter()
+        .copied()
+        .filter(|&i| compiled.rules[i].numeric_field().is_some_and(|f| seen.insert(f.as_str().to_string())))
+        .collect();
+    TypeIndex { rules: rules.into(), sum_fields: sum_fields.into() }
 }
 
 /// Records the JSON types of the payload's fields (`payload.a.b`) into a catalog entry.
@@ -573,16 +598,18 @@ fn rule_state<'a>(
         RuleState {
             meta: RuleMeta { version: rule.rule.version, shape: rule.shape, dropped_groups: 0, since_ms: clock },
             meta_dirty: true,
-            groups: HashMap::new(),
+            groups: FastMap::default(),
         }
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn on_rule_event(
     ctx: &Ctx<'_>,
     ts: &mut TenantState,
     rule: &CompiledRule,
     ev: &EventRecord,
+    id: &Arc<str>,
     t: i64,
     key: &mut String,
     out: &mut Out,
@@ -596,7 +623,11 @@ fn on_rule_event(
         key.push('\u{1f}');
     }
     let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
-    if !rs.groups.contains_key(key.as_str()) {
+    if let Some(g) = rs.groups.get_mut(key.as_str()) {
+        on_group_event(ctx, rule, g, ev, id, t, key, out);
+        return;
+    }
+    {
         if rs.groups.len() >= ctx.cfg.max_groups_per_rule {
             rs.meta.dropped_groups += 1;
             out.dropped_groups += 1;
@@ -607,21 +638,36 @@ fn on_rule_event(
             return;
         }
         let values = rule.group_by.iter().map(|p| p.resolve(ev).map_or(Value::Null, |v| v.to_json())).collect();
-        rs.groups.insert(key.clone(), GroupState::new(values, t, &rule.kind));
+        rs.groups.insert(key.clone(), Box::new(GroupState::new(values, t, &rule.kind)));
         out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(key.clone()) });
     }
-    let Some(g) = rs.groups.get_mut(key.as_str()) else { return };
+    if let Some(g) = rs.groups.get_mut(key.as_str()) {
+        on_group_event(ctx, rule, g, ev, id, t, key, out);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_group_event(
+    ctx: &Ctx<'_>,
+    rule: &CompiledRule,
+    g: &mut GroupState,
+    ev: &EventRecord,
+    id: &Arc<str>,
+    t: i64,
+    key: &str,
+    out: &mut Out,
+) {
     match &rule.kind {
         RuleKind::Event => {
             if t > g.head_ms {
                 g.head_ms = t;
             }
             expire_event_alert(ctx, rule, g, key, out);
-            push_recent(g, &ev.id);
+            push_recent(g, id);
             g.last_seen_ms = Some(g.last_seen_ms.map_or(t, |s| s.max(t)));
             if let Some(open) = g.open.as_mut() {
                 open.value += 1.0;
-                open.event_ids = g.recent.iter().cloned().collect();
+                open.event_ids = g.recent.iter().map(|s| s.to_string()).collect();
                 mark_alert(out, ctx.tenant, rule.id(), key, g);
             } else if cooldown_over(rule, g, t) {
                 fire(ctx, rule, g, key, t, 1.0, out);
@@ -673,16 +719,16 @@ fn on_rule_event(
                 out.late += 1;
                 return;
             }
-            push_recent(g, &ev.id);
+            push_recent(g, id);
             evaluate_window(ctx, rule, g, key, out);
         }
         RuleKind::Absence { .. } => {
-            push_recent(g, &ev.id);
+            push_recent(g, id);
             g.last_seen_ms = Some(ev.received_at_ms.max(g.last_seen_ms.unwrap_or(i64::MIN)));
             if let Some(mut a) = g.open.take() {
                 a.state = AlertState::Resolved;
                 a.resolved_at_ms = Some(ev.received_at_ms);
-                a.event_ids = g.recent.iter().cloned().collect();
+                a.event_ids = g.recent.iter().map(|s| s.to_string()).collect();
                 out.alerts.push(a);
                 out.resolved += 1;
             }
@@ -691,11 +737,11 @@ fn on_rule_event(
     mark_dirty(out, ctx.tenant, rule.id(), key, g);
 }
 
-fn push_recent(g: &mut GroupState, id: &str) {
+fn push_recent(g: &mut GroupState, id: &Arc<str>) {
     if g.recent.len() == EVENT_SAMPLE {
         g.recent.pop_front();
     }
-    g.recent.push_back(id.to_string());
+    g.recent.push_back(id.clone());
 }
 
 fn cooldown_over(rule: &CompiledRule, g: &GroupState, at: i64) -> bool {
@@ -774,7 +820,7 @@ fn fire(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, at: i
         state: AlertState::Firing,
         fired_at_ms: at,
         resolved_at_ms: None,
-        event_ids: g.recent.iter().cloned().collect(),
+        event_ids: g.recent.iter().map(|s| s.to_string()).collect(),
         silence_id,
         actions: spec.actions.clone(),
     };
@@ -796,7 +842,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                 let since = rs.meta.since_ms;
                 let mut g = GroupState::new(Vec::new(), since, &rule.kind);
                 g.last_seen_ms = Some(since);
-                rs.groups.insert(String::new(), g);
+                rs.groups.insert(String::new(), Box::new(g));
                 out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(String::new()) });
             }
         }

@@ -11,7 +11,7 @@
 //! the same way. Distinct keeps, for each value, the newest bucket it was seen in; the value
 //! leaves when that bucket does.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,8 +54,8 @@ pub struct Window {
     min: f64,
     max: f64,
     /// Distinct value → index of the newest bucket it was seen in.
-    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
-    distinct: HashMap<String, i64>,
+    #[serde(default, skip_serializing_if = "foldhash::HashMap::is_empty")]
+    distinct: foldhash::HashMap<String, i64>,
 }
 
 /// What happened to an inserted observation.
@@ -79,7 +79,7 @@ impl Window {
             sum: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
-            distinct: HashMap::new(),
+            distinct: foldhash::HashMap::default(),
         }
     }
 
@@ -253,7 +253,7 @@ mod tests {
     fn distinct_counts_each_value_once_while_any_sighting_is_inside() {
         let mut w = Window::new(10);
         w.insert(0, 0, None, Some("a"));
-        w.insert(1 * S, S, None, Some("b"));
+        w.insert(S, S, None, Some("b"));
         w.insert(5 * S, 5 * S, None, Some("a"));
         w.insert(5 * S, 5 * S, None, Some("a"));
         assert_eq!(w.value(Aggregate::Distinct), Some(2.0));
