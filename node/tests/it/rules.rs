@@ -98,7 +98,7 @@ async fn window_rule_fires_per_group_is_acknowledged_and_resolves() {
     let (status, one) = s.api.get(&format!("/v1/alerts/{alert_id}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one["state"], "resolved");
-    assert_eq!(one["acknowledged_at"].is_string(), true);
+    assert!(one["acknowledged_at"].is_string());
 
     // A new version is recorded; alerts after it name it.
     let mut changed = rule.clone();
