@@ -6,15 +6,18 @@
 //! - [`ingest`]: decode, validate ([`model`]), authenticate ([`auth`]), rate-limit, deduplicate
 //!   and publish; shared by both transports.
 //! - [`eventlog`]: the JetStream event stream and its partitioning.
-//! - [`processor`]: one partition-owner task per partition: consume, store, ack.
-//! - [`store`]: the event store trait, the embedded (redb) backend and the conformance suite.
-//! - [`cluster`]: the openraft control plane (tenants, API keys) with NATS as its transport.
+//! - [`processor`]: partition owners: consume, store, evaluate rules, commit effects, ack.
+//! - [`rules`]: rule definitions, the per-partition rule engine, alerts and silences.
+//! - [`store`]: the store trait, the embedded (fjall) backend and the conformance suite.
+//! - [`cluster`]: the openraft control plane (tenants, API keys, rules, silences) with NATS as
+//!   its transport.
 //! - [`node`]: start-up and ordered shutdown; [`natsd`] supervises `dev`'s nats-server;
 //!   [`dev`] creates the dev tenant; [`config`] layers the configuration; [`telemetry`] names
 //!   the metrics.
 //!
-//! Tasks running in a node: the HTTP server, the NATS ingest subscriber, one owner per
-//! partition, the consumer-lag reporter, the hourly idempotency purge, Raft and its RPC server.
+//! Tasks running in a node: the HTTP server, the NATS ingest subscriber, per partition a
+//! reader, an evaluator and an acker, the store writer, the leader's clock ticker, the
+//! consumer-lag reporter, the hourly idempotency purge, Raft and its RPC server.
 
 pub mod api;
 pub mod auth;
