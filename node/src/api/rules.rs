@@ -78,6 +78,11 @@ fn view<'a>(rule: &'a Rule, stats: Option<(RuleStats, usize)>) -> RuleView<'a> {
     }
 }
 
+/// The partition owner's statistics of a rule, with the group limit they are measured against.
+fn stats(state: &AppState, rule: &Rule) -> Option<(RuleStats, usize)> {
+    state.rule_stats.get(rule.tenant_id, rule.id).map(|s| (s, state.rules.max_groups_per_rule))
+}
+
 fn field_error(e: FieldError) -> ApiError {
     ApiError::bad_request(e.field, e.detail)
 }
@@ -137,12 +142,7 @@ async fn create(
 
 async fn list(State(state): State<AppState>, AuthTenant(tenant): AuthTenant) -> Json<Value> {
     let view_ = state.control.read();
-    let limit = state.rules.max_groups_per_rule;
-    let rules: Vec<_> = view_
-        .rules_of(tenant.id)
-        .into_iter()
-        .map(|r| view(r, state.rule_stats.get(tenant.id, r.id).map(|s| (s, limit))))
-        .collect();
+    let rules: Vec<_> = view_.rules_of(tenant.id).into_iter().map(|r| view(r, stats(&state, r))).collect();
     Json(json!({ "rules": rules }))
 }
 
@@ -154,8 +154,7 @@ async fn one(
     let id = rule_id(&id)?;
     let v = state.control.read();
     let rule = v.rule(tenant.id, &id).ok_or_else(|| not_found(&id))?;
-    let stats = state.rule_stats.get(tenant.id, id).map(|s| (s, state.rules.max_groups_per_rule));
-    Ok(Json(view(rule, stats)).into_response())
+    Ok(Json(view(rule, stats(&state, rule))).into_response())
 }
 
 async fn versions(
