@@ -33,4 +33,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+# `--guest`: the toolchain that builds WASM plugins (plugins/build.sh): Debian's rustc 1.63 with
+# the wasm32 standard library, Debian's cargo, and wasm-ld.
+guest_ok() {
+  [[ -x /usr/bin/rustc && -x /usr/bin/cargo && -d /usr/lib/rustlib/wasm32-unknown-unknown ]] &&
+    command -v wasm-ld >/dev/null 2>&1
+}
+if [[ "${1:-}" == "--guest" ]] && ! guest_ok; then
+  log "installing the WASM guest toolchain (apt: rustc cargo libstd-rust-dev-wasm32 lld)"
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rustc cargo libstd-rust-dev-wasm32 lld >&2
+  guest_ok || { log "the WASM guest toolchain is still missing after install"; exit 1; }
+fi
 echo "$NATS_SERVER_BIN"

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: install what is missing, then format check, lints, and every test
-# (unit and integration; integration tests start their own nats-server on free ports).
+# (unit and integration; integration tests start their own nats-server on free ports), after
+# building the example WASM plugins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NATS_SERVER_BIN=$(scripts/setup.sh)
+NATS_SERVER_BIN=$(scripts/setup.sh --guest)
 export NATS_SERVER_BIN
+# The example plugins, built to plugins/out/*.wasm with the guest toolchain; host tests load them.
+plugins/build.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --no-fail-fast

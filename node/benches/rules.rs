@@ -52,7 +52,7 @@ fn rule_set(tenant: Uuid, n: usize) -> RuleSet {
         let id = Uuid::from_u128(1_000 + i as u128);
         versions.insert(id, vec![Rule { id, tenant_id: tenant, version: 1, spec, created_at_ms: 0, updated_at_ms: 0 }]);
     }
-    let tr = TenantRules::build(&versions, tenant, Vec::new());
+    let tr = TenantRules::build(&versions, &Default::default(), tenant, Vec::new());
     assert_eq!(tr.rules.len(), n);
     RuleSet { revision: 1, tenants: [(tenant, Arc::new(tr))].into_iter().collect() }
 }

@@ -27,6 +27,7 @@ pub struct Config {
     pub stream: StreamConfig,
     pub ingest: IngestConfig,
     pub rules: RulesConfig,
+    pub plugins: PluginsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,6 +109,52 @@ impl Default for RulesConfig {
     }
 }
 
+/// The WASM plugin sandbox (see sdk/ABI.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Largest module accepted at upload, bytes.
+    pub max_module_bytes: usize,
+    /// Fuel (about one unit per WebAssembly instruction) one call may use.
+    pub fuel_per_call: u64,
+    /// Linear memory one instance may grow to, bytes.
+    pub max_memory_bytes: usize,
+    /// Largest decision a call may return, bytes.
+    pub max_output_bytes: usize,
+    /// Log lines kept per call.
+    pub max_log_lines: usize,
+    /// Window counters plus state entries one rule's plugin keeps per partition.
+    pub max_state_keys: usize,
+    /// Window buckets (one per counter and second) one rule's plugin keeps per partition.
+    pub max_window_buckets: usize,
+    /// Live instances per partition engine.
+    pub max_instances_per_partition: usize,
+    /// After this many failed calls in a row, the plugin's rules are disabled.
+    pub max_consecutive_failures: u32,
+    /// Plugins one tenant may have.
+    pub max_plugins_per_tenant: usize,
+    /// Events one `POST /v1/plugins/{id}/test` runs.
+    pub max_test_events: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            max_module_bytes: 4 << 20,
+            fuel_per_call: 2_000_000,
+            max_memory_bytes: 16 << 20,
+            max_output_bytes: 64 << 10,
+            max_log_lines: 32,
+            max_state_keys: 10_000,
+            max_window_buckets: 1_000_000,
+            max_instances_per_partition: 64,
+            max_consecutive_failures: 10,
+            max_plugins_per_tenant: 50,
+            max_test_events: 1000,
+        }
+    }
+}
+
 impl RulesConfig {
     pub fn engine(&self) -> crate::rules::engine::EngineConfig {
         crate::rules::engine::EngineConfig {
@@ -130,6 +177,7 @@ impl Default for Config {
             stream: StreamConfig::default(),
             ingest: IngestConfig::default(),
             rules: RulesConfig::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -205,6 +253,12 @@ impl Config {
         }
         if self.rules.tick_interval_ms < 100 || self.rules.checkpoint_interval_ms < 100 {
             return bad("rules.tick_interval_ms and rules.checkpoint_interval_ms must be at least 100");
+        }
+        if self.plugins.fuel_per_call < 10_000 || self.plugins.max_memory_bytes < (1 << 16) {
+            return bad("plugins.fuel_per_call must be at least 10000 and plugins.max_memory_bytes at least 65536");
+        }
+        if self.plugins.max_consecutive_failures == 0 || self.plugins.max_instances_per_partition == 0 {
+            return bad("plugins.max_consecutive_failures and plugins.max_instances_per_partition must be at least 1");
         }
         if self.rules.max_groups_per_rule == 0 || self.rules.max_rules_per_tenant == 0 {
             return bad("rules.max_groups_per_rule and rules.max_rules_per_tenant must be at least 1");

@@ -106,7 +106,18 @@ async fn serve(
     let tracker = TaskTracker::new();
     let intake = CancellationToken::new();
     let rule_stats = processor::RuleStatsRegistry::default();
-    let owners = processor::Owners { control: control.clone(), rules: cfg.rules.clone(), stats: rule_stats.clone() };
+    let plugins = processor::PluginServices {
+        runtime: Arc::new(crate::plugins::PluginRuntime::new(&cfg.plugins)?),
+        modules: crate::plugins::store::ModuleStore::open(client.clone(), cfg.stream.replicas).await?,
+        stats: crate::plugins::PluginStatsRegistry::default(),
+        max_consecutive_failures: cfg.plugins.max_consecutive_failures,
+    };
+    let owners = processor::Owners {
+        control: control.clone(),
+        rules: cfg.rules.clone(),
+        stats: rule_stats.clone(),
+        plugins: plugins.clone(),
+    };
     processor::spawn_all(&log, store.clone(), owners, &tracker, cancel.clone());
     {
         // Clock ticks for rules: the leader publishes one into every partition per interval.
@@ -167,6 +178,8 @@ async fn serve(
         admin_digest: Arc::new(crate::auth::digest(&admin_token)),
         rules: cfg.rules.clone(),
         rule_stats,
+        plugins,
+        plugin_cfg: cfg.plugins.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, node_id = cfg.node_id, "serving HTTP");
     let http_intake = intake.clone();

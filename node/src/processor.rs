@@ -29,12 +29,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::cluster::state::Command;
 use crate::cluster::ControlPlane;
 use crate::config::RulesConfig;
 use crate::eventlog::EventLog;
 use crate::model::{now_ms, EncodedEvent, EventRecord, LogPosition, TenantId};
+use crate::plugins::registry::Disabled;
+use crate::plugins::store::ModuleStore;
+use crate::plugins::{PluginHost, PluginRuntime, PluginStatsRegistry};
 use crate::rules::compiled::RuleSet;
 use crate::rules::effects::PartitionEffects;
+use crate::rules::engine::EnginePlugins;
 use crate::rules::engine::{Engine, Input, RuleStats};
 use crate::store::{EventOutcome, EventStore, WriteSet};
 use crate::telemetry;
@@ -178,6 +183,40 @@ pub struct Owners {
     pub control: ControlPlane,
     pub rules: RulesConfig,
     pub stats: RuleStatsRegistry,
+    pub plugins: PluginServices,
+}
+
+/// What partition owners need to run plugin rules.
+#[derive(Clone)]
+pub struct PluginServices {
+    pub runtime: Arc<PluginRuntime>,
+    pub modules: ModuleStore,
+    pub stats: PluginStatsRegistry,
+    pub max_consecutive_failures: u32,
+}
+
+impl PluginServices {
+    /// Asks the control plane to disable the rules of plugins that failed too often in a row.
+    fn submit_disable_requests(&self, control: &ControlPlane) {
+        for req in self.stats.take_disable_requests() {
+            let control = control.clone();
+            tokio::spawn(async move {
+                let cmd = Command::SetPluginDisabled {
+                    tenant_id: req.tenant,
+                    plugin_id: req.plugin,
+                    disabled: Some(Disabled { reason: req.reason.clone(), at_ms: crate::model::now_ms() }),
+                };
+                match control.propose(cmd).await {
+                    Ok(_) => {
+                        tracing::warn!(tenant_id = %req.tenant, plugin_id = %req.plugin, reason = %req.reason, "plugin rules disabled")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant_id = %req.tenant, plugin_id = %req.plugin, error = %e, "cannot disable plugin rules")
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// Starts one owner task per partition plus the lag reporter, tracked by `tracker`.
@@ -241,10 +280,17 @@ async fn run_partition(
 ) -> anyhow::Result<()> {
     let snapshot = store.load_engine(partition).await?;
     let cfg = owners.rules.engine();
-    let engine = match snapshot.meta {
+    let mut engine = match snapshot.meta {
         Some(meta) => Engine::restore(partition, cfg, meta, snapshot.entries)?,
         None => Engine::new(partition, cfg),
     };
+    let p = &owners.plugins;
+    engine.set_plugins(EnginePlugins {
+        host: PluginHost::new(p.runtime.clone()),
+        stats: Some(p.stats.clone()),
+        max_consecutive_failures: p.max_consecutive_failures,
+        reports: None,
+    });
     let start = engine.processed_seq() + 1;
     let name = consumer_name(partition);
     // The consumer is a cursor over the partition: it restarts right after what the engine's
@@ -320,14 +366,18 @@ async fn evaluate(
     let partition = engine.partition();
     let interval = Duration::from_millis(owners.rules.checkpoint_interval_ms);
     let mut rules = Arc::new(owners.control.read().rule_set(partition, partitions));
+    crate::plugins::store::prepare(&owners.plugins.runtime, &owners.plugins.modules, &rules).await;
     let mut last_checkpoint = Instant::now();
     while let Some(batch) = batches.recv().await {
         let Ok(outcomes) = batch.outcomes.await else { return Ok(()) };
-        {
+        let fresh = {
             let view = owners.control.read();
-            if view.rules_revision() != rules.revision {
-                rules = Arc::new(view.rule_set(partition, partitions));
-            }
+            (view.rules_revision() != rules.revision).then(|| view.rule_set(partition, partitions))
+        };
+        if let Some(fresh) = fresh {
+            // Modules are compiled before the rules that use them are evaluated.
+            crate::plugins::store::prepare(&owners.plugins.runtime, &owners.plugins.modules, &fresh).await;
+            rules = Arc::new(fresh);
         }
         let checkpoint = last_checkpoint.elapsed() >= interval
             || engine.since_checkpoint() + batch.items.len() as u64 >= owners.rules.checkpoint_events;
@@ -340,6 +390,7 @@ async fn evaluate(
         })
         .await?;
         engine = back;
+        owners.plugins.submit_disable_requests(&owners.control);
         metrics::histogram!(telemetry::RULES_BATCH_DURATION).record(started.elapsed().as_secs_f64());
         if checkpoint {
             last_checkpoint = Instant::now();

@@ -38,6 +38,12 @@ pub const RULE_LATE_EVENTS: &str = "signalops_rule_late_events_total";
 pub const RULE_GROUPS_DROPPED: &str = "signalops_rule_groups_dropped_total";
 /// Time to evaluate one batch of a partition against its rules.
 pub const RULES_BATCH_DURATION: &str = "signalops_rules_batch_duration_seconds";
+/// Plugin calls, by tenant and plugin.
+pub const PLUGIN_CALLS: &str = "signalops_plugin_calls_total";
+/// Failed plugin calls, by tenant, plugin and kind (trap, fuel_exhausted, memory_limit, ...).
+pub const PLUGIN_FAILURES: &str = "signalops_plugin_failures_total";
+/// Time of one plugin call, by tenant and plugin.
+pub const PLUGIN_CALL_DURATION: &str = "signalops_plugin_call_duration_seconds";
 /// Engine checkpoints written.
 pub const RULE_CHECKPOINTS: &str = "signalops_rule_checkpoints_total";
 

@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod events;
 pub mod health;
 pub mod insights;
+pub mod plugins;
 pub mod rules;
 
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub admin_digest: Arc<String>,
     pub rules: crate::config::RulesConfig,
     pub rule_stats: crate::processor::RuleStatsRegistry,
+    pub plugins: crate::processor::PluginServices,
+    pub plugin_cfg: crate::config::PluginsConfig,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -44,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(rules::router())
         .merge(alerts::router())
         .merge(insights::router())
+        .merge(plugins::router())
         .merge(health::router())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

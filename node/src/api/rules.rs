@@ -15,11 +15,13 @@ use uuid::Uuid;
 use super::admin::control_error;
 use super::events::time_param;
 use super::{AppState, AuthTenant};
-use crate::cluster::state::{Command, CommandResult};
+use crate::cluster::state::{Command, CommandResult, ControlView};
 use crate::error::{ApiError, ErrorKind};
 use crate::model::{format_ms, now_ms, split_body, validate_event, EventRecord, TenantId};
+use crate::plugins::registry::parse_digest;
+use crate::plugins::PluginHost;
 use crate::rules::alert::Alert;
-use crate::rules::compiled::Rule;
+use crate::rules::compiled::{resolve_plugin, Rule};
 use crate::rules::engine::RuleStats;
 use crate::rules::spec::{parse_rule, FieldError, RuleLimits, RuleSpec};
 use crate::store::EventQuery;
@@ -47,6 +49,9 @@ struct RuleView<'a> {
     updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<RuleStatus>,
+    /// Set while the rule is not evaluated because its plugin is disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disabled_reason: Option<String>,
 }
 
 /// What the partition owner reports of a rule (as of its last checkpoint).
@@ -75,7 +80,20 @@ fn view<'a>(rule: &'a Rule, stats: Option<(RuleStats, usize)>) -> RuleView<'a> {
             group_limit_hit: s.dropped_groups > 0,
             firing: s.firing,
         }),
+        disabled_reason: None,
     }
+}
+
+/// A rule's view with what the partition owner reports and, for a plugin rule whose plugin is
+/// disabled, why it is not evaluated.
+fn full_view<'a>(state: &AppState, control: &ControlView, rule: &'a Rule) -> RuleView<'a> {
+    let mut v = view(rule, stats(state, rule));
+    if let Some(r) = &rule.spec.plugin {
+        if let Ok((p, _)) = resolve_plugin(control.plugins(), rule.tenant_id, r) {
+            v.disabled_reason = p.disabled.as_ref().map(|d| format!("plugin `{}` is disabled: {}", p.name, d.reason));
+        }
+    }
+    v
 }
 
 /// The partition owner's statistics of a rule, with the group limit they are measured against.
@@ -97,14 +115,27 @@ fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError
     })
 }
 
-fn parse_spec(body: &Value) -> Result<RuleSpec, ApiError> {
+/// Parses a rule definition; a plugin rule's plugin must be one of the tenant's rule plugins.
+fn parse_spec(state: &AppState, tenant: TenantId, body: &Value) -> Result<RuleSpec, ApiError> {
     let spec = parse_rule(body, &RuleLimits::default()).map_err(field_error)?;
-    if spec.plugin.is_some() {
-        // Plugin rules reference an uploaded plugin; until the plugin registry exists no
-        // reference can resolve.
-        return Err(ApiError::bad_request("plugin.id", "no such plugin: upload it with POST /v1/plugins first"));
+    if let Some(r) = &spec.plugin {
+        resolve_plugin(state.control.read().plugins(), tenant, r).map_err(field_error)?;
     }
     Ok(spec)
+}
+
+/// A plugin host for a dry-run or backtest of a plugin rule, with its module loaded.
+async fn replay_host(state: &AppState, tenant: TenantId, spec: &RuleSpec) -> Result<Option<PluginHost>, ApiError> {
+    let Some(r) = &spec.plugin else { return Ok(None) };
+    let digest = {
+        let view = state.control.read();
+        let (_, v) = resolve_plugin(view.plugins(), tenant, r).map_err(field_error)?;
+        parse_digest(&v.sha256).ok_or_else(|| ApiError::internal("plugin digest", &v.sha256))?
+    };
+    crate::plugins::store::ensure_loaded(&state.plugins.runtime, &state.plugins.modules, tenant, &digest)
+        .await
+        .map_err(|e| ApiError::internal("plugin load", &e))?;
+    Ok(Some(PluginHost::new(state.plugins.runtime.clone())))
 }
 
 fn rule_id(id: &str) -> Result<Uuid, ApiError> {
@@ -120,7 +151,7 @@ async fn create(
     AuthTenant(tenant): AuthTenant,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let spec = parse_spec(&json_body(body)?)?;
+    let spec = parse_spec(&state, tenant.id, &json_body(body)?)?;
     let now = now_ms();
     let rule =
         Rule { id: Uuid::now_v7(), tenant_id: tenant.id, version: 1, spec, created_at_ms: now, updated_at_ms: now };
@@ -142,7 +173,7 @@ async fn create(
 
 async fn list(State(state): State<AppState>, AuthTenant(tenant): AuthTenant) -> Json<Value> {
     let view_ = state.control.read();
-    let rules: Vec<_> = view_.rules_of(tenant.id).into_iter().map(|r| view(r, stats(&state, r))).collect();
+    let rules: Vec<_> = view_.rules_of(tenant.id).into_iter().map(|r| full_view(&state, &view_, r)).collect();
     Json(json!({ "rules": rules }))
 }
 
@@ -154,7 +185,7 @@ async fn one(
     let id = rule_id(&id)?;
     let v = state.control.read();
     let rule = v.rule(tenant.id, &id).ok_or_else(|| not_found(&id))?;
-    Ok(Json(view(rule, stats(&state, rule))).into_response())
+    Ok(Json(full_view(&state, &v, rule)).into_response())
 }
 
 async fn versions(
@@ -177,7 +208,7 @@ async fn update(
 ) -> Result<Response, ApiError> {
     let id = rule_id(&id)?;
     let body = json_body(body)?;
-    let spec = parse_spec(&body)?;
+    let spec = parse_spec(&state, tenant.id, &body)?;
     let current = state.control.read().rule(tenant.id, &id).cloned().ok_or_else(|| not_found(&id))?;
     // A client that sends back the version it read gets optimistic concurrency.
     if let Some(v) = body.get("version").and_then(Value::as_u64) {
@@ -228,6 +259,18 @@ fn alerts_json(alerts: &[Alert]) -> Vec<Value> {
     alerts.iter().map(|a| serde_json::to_value(a.view(None)).unwrap_or(Value::Null)).collect()
 }
 
+/// The body of a dry-run or backtest: the alerts, plugin calls (plugin rules) and `extra`.
+fn replay_json(replay: &crate::rules::replay::Replay, extra: Value) -> Value {
+    let mut body = json!({ "alerts": alerts_json(&replay.alerts) });
+    if !replay.plugin_calls.is_empty() {
+        body["plugin_calls"] = serde_json::to_value(&replay.plugin_calls).unwrap_or(Value::Null);
+    }
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    body
+}
+
 /// `{"rule": {...}, "events": [...]}`: evaluates the rule over the events, in order, as if each
 /// arrived when it occurred. Nothing is stored or notified.
 async fn dry_run(
@@ -248,14 +291,23 @@ async fn dry_run(
     for (i, obj) in parsed.events.into_iter().enumerate() {
         records.push(validate_event(obj, &format!("events[{i}]."), tenant.id, now)?);
     }
+    let host = replay_host(&state, tenant.id, &spec).await.map_err(|e| {
+        if let Some(f) = e.field.clone() {
+            e.with_field(format!("rule.{f}"))
+        } else {
+            e
+        }
+    })?;
     let rule = Rule { id: Uuid::nil(), tenant_id: tenant.id, version: 0, spec, created_at_ms: now, updated_at_ms: now };
     let n = records.len();
     let cfg = state.rules.engine();
-    let alerts = tokio::task::spawn_blocking(move || crate::rules::replay::run(rule, &mut records, None, cfg))
-        .await
-        .map_err(|e| ApiError::internal("dry run", &e))?
-        .map_err(|e| ApiError::bad_request(format!("rule.{}", e.field), e.detail))?;
-    Ok(Json(json!({ "alerts": alerts_json(&alerts), "events_evaluated": n })).into_response())
+    let plugins = state.control.read().plugins().clone();
+    let replay =
+        tokio::task::spawn_blocking(move || crate::rules::replay::run(rule, &plugins, host, &mut records, None, cfg))
+            .await
+            .map_err(|e| ApiError::internal("dry run", &e))?
+            .map_err(|e| ApiError::bad_request(format!("rule.{}", e.field), e.detail))?;
+    Ok(Json(replay_json(&replay, json!({ "events_evaluated": n }))).into_response())
 }
 
 #[derive(Deserialize)]
@@ -275,9 +327,7 @@ async fn backtest(
     let id = rule_id(&id)?;
     let Query(p) = params.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
     let rule = state.control.read().rule(tenant.id, &id).cloned().ok_or_else(|| not_found(&id))?;
-    if rule.spec.plugin.is_some() {
-        return Err(ApiError::bad_request("plugin", "plugin rules cannot be backtested on this node"));
-    }
+    let host = replay_host(&state, tenant.id, &rule.spec).await?;
     let now = now_ms();
     let to = time_param("to", &p.to)?.unwrap_or(now);
     let from = time_param("from", &p.from)?.unwrap_or(to - 24 * 3_600_000);
@@ -308,16 +358,17 @@ async fn backtest(
     let n = records.len();
     let cfg = state.rules.engine();
     let end = Some(to.min(now));
-    let alerts = tokio::task::spawn_blocking(move || crate::rules::replay::run(rule, &mut records, end, cfg))
-        .await
-        .map_err(|e| ApiError::internal("backtest", &e))?
-        .map_err(field_error)?;
-    Ok(Json(json!({
-        "alerts": alerts_json(&alerts),
+    let plugins = state.control.read().plugins().clone();
+    let replay =
+        tokio::task::spawn_blocking(move || crate::rules::replay::run(rule, &plugins, host, &mut records, end, cfg))
+            .await
+            .map_err(|e| ApiError::internal("backtest", &e))?
+            .map_err(field_error)?;
+    let extra = json!({
         "events_evaluated": n,
         "truncated": truncated,
         "from": format_ms(from),
         "to": format_ms(to),
-    }))
-    .into_response())
+    });
+    Ok(Json(replay_json(&replay, extra)).into_response())
 }

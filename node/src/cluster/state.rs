@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::eventlog::partition_of;
 use crate::model::TenantId;
+use crate::plugins::registry::{Disabled, PluginKind, PluginRecord, PluginVersion};
 use crate::rules::alert::Silence;
 use crate::rules::compiled::{Rule, RuleSet, TenantRules};
 
@@ -77,6 +78,27 @@ pub enum Command {
         tenant_id: TenantId,
         silence_id: Uuid,
     },
+    /// A module uploaded as plugin `name`: a new plugin (with `new_id`), a new version of the
+    /// tenant's plugin of that name, or nothing new when that plugin already has this module.
+    AddPluginVersion {
+        tenant_id: TenantId,
+        name: String,
+        kind: PluginKind,
+        new_id: Uuid,
+        version: PluginVersion,
+        max_plugins: usize,
+    },
+    /// Refused while a rule of the tenant uses the plugin.
+    DeletePlugin {
+        tenant_id: TenantId,
+        plugin_id: Uuid,
+    },
+    /// Disables (with a reason) or re-enables a plugin's rules.
+    SetPluginDisabled {
+        tenant_id: TenantId,
+        plugin_id: Uuid,
+        disabled: Option<Disabled>,
+    },
 }
 
 /// What applying a command did.
@@ -92,6 +114,14 @@ pub enum CommandResult {
     RuleVersionConflict(u32),
     RuleLimit(usize),
     SilenceNotFound,
+    /// The plugin a version was added to (or that already had it).
+    PluginStored(Uuid),
+    PluginNotFound,
+    PluginLimit(usize),
+    /// A plugin of this name exists with another kind.
+    PluginKindConflict,
+    /// Rules that still use the plugin.
+    PluginInUse(Vec<Uuid>),
 }
 
 /// The replicated state, serialized whole into snapshots.
@@ -104,6 +134,8 @@ pub struct ControlState {
     pub rules: BTreeMap<Uuid, Vec<Rule>>,
     #[serde(default)]
     pub silences: BTreeMap<Uuid, Silence>,
+    #[serde(default)]
+    pub plugins: BTreeMap<Uuid, PluginRecord>,
 }
 
 /// The state plus lookup indexes derived from it (rebuilt, never replicated).
@@ -136,7 +168,7 @@ impl ControlView {
 
     fn recompile(&mut self, tenant: TenantId) {
         let silences: Vec<Silence> = self.state.silences.values().filter(|s| s.tenant_id == tenant).cloned().collect();
-        let compiled = TenantRules::build(&self.state.rules, tenant, silences);
+        let compiled = TenantRules::build(&self.state.rules, &self.state.plugins, tenant, silences);
         if compiled.rules.is_empty() && compiled.silences.is_empty() {
             self.compiled.remove(&tenant);
         } else {
@@ -173,6 +205,28 @@ impl ControlView {
     /// The tenant's rules (current versions), by id.
     pub fn rules_of(&self, tenant: TenantId) -> Vec<&Rule> {
         self.state.rules.values().filter_map(|v| v.last()).filter(|r| r.tenant_id == tenant).collect()
+    }
+
+    /// A tenant's plugin, by id.
+    pub fn plugin(&self, tenant: TenantId, id: &Uuid) -> Option<&PluginRecord> {
+        self.state.plugins.get(id).filter(|p| p.tenant_id == tenant)
+    }
+
+    pub fn plugins_of(&self, tenant: TenantId) -> Vec<&PluginRecord> {
+        self.state.plugins.values().filter(|p| p.tenant_id == tenant).collect()
+    }
+
+    pub fn plugins(&self) -> &crate::rules::compiled::Plugins {
+        &self.state.plugins
+    }
+
+    /// The tenant's rules (current versions) that use a plugin.
+    pub fn rules_using(&self, tenant: TenantId, plugin: &PluginRecord) -> Vec<Uuid> {
+        self.rules_of(tenant)
+            .into_iter()
+            .filter(|r| r.spec.plugin.as_ref().is_some_and(|p| p.id == plugin.name || p.id == plugin.id.to_string()))
+            .map(|r| r.id)
+            .collect()
     }
 
     pub fn silences_of(&self, tenant: TenantId) -> Vec<&Silence> {
@@ -273,6 +327,63 @@ impl ControlView {
                     _ => return CommandResult::SilenceNotFound,
                 }
                 self.state.silences.remove(silence_id);
+                self.recompile(*tenant_id);
+                CommandResult::Done
+            }
+            Command::AddPluginVersion { tenant_id, name, kind, new_id, version, max_plugins } => {
+                if !self.state.tenants.contains_key(tenant_id) {
+                    return CommandResult::TenantNotFound;
+                }
+                let existing = self.state.plugins.values_mut().find(|p| p.tenant_id == *tenant_id && p.name == *name);
+                let id = match existing {
+                    Some(p) => {
+                        if p.kind != *kind {
+                            return CommandResult::PluginKindConflict;
+                        }
+                        if p.versions.iter().any(|v| v.sha256 == version.sha256) {
+                            return CommandResult::PluginStored(p.id);
+                        }
+                        p.versions.push(version.clone());
+                        p.id
+                    }
+                    None => {
+                        let count = self.state.plugins.values().filter(|p| p.tenant_id == *tenant_id).count();
+                        if count >= *max_plugins {
+                            return CommandResult::PluginLimit(*max_plugins);
+                        }
+                        self.state.plugins.insert(
+                            *new_id,
+                            PluginRecord {
+                                id: *new_id,
+                                tenant_id: *tenant_id,
+                                name: name.clone(),
+                                kind: *kind,
+                                versions: vec![version.clone()],
+                                created_at_ms: version.uploaded_at_ms,
+                                disabled: None,
+                            },
+                        );
+                        *new_id
+                    }
+                };
+                self.recompile(*tenant_id);
+                CommandResult::PluginStored(id)
+            }
+            Command::DeletePlugin { tenant_id, plugin_id } => {
+                let Some(p) = self.plugin(*tenant_id, plugin_id) else { return CommandResult::PluginNotFound };
+                let users = self.rules_using(*tenant_id, p);
+                if !users.is_empty() {
+                    return CommandResult::PluginInUse(users);
+                }
+                self.state.plugins.remove(plugin_id);
+                self.recompile(*tenant_id);
+                CommandResult::Done
+            }
+            Command::SetPluginDisabled { tenant_id, plugin_id, disabled } => {
+                match self.state.plugins.get_mut(plugin_id) {
+                    Some(p) if p.tenant_id == *tenant_id => p.disabled = disabled.clone(),
+                    _ => return CommandResult::PluginNotFound,
+                }
                 self.recompile(*tenant_id);
                 CommandResult::Done
             }

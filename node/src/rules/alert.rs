@@ -28,6 +28,8 @@ pub enum AlertKind {
     Window,
     /// No matching event for the absence period.
     Absence,
+    /// A rule plugin decided to fire for a matching event.
+    Plugin,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +70,12 @@ pub struct Alert {
     /// The rule's actions at firing time (delivered by the notification workers).
     #[serde(default)]
     pub actions: Vec<Value>,
+    /// A plugin's title for the alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// A plugin's detail fields for the alert.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, Value>,
 }
 
 /// An operator's acknowledgement of an alert.
@@ -104,6 +112,10 @@ pub struct AlertView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acknowledged_by: Option<&'a str>,
     pub event_ids: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<&'a str>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: &'a serde_json::Map<String, Value>,
 }
 
 impl Alert {
@@ -139,6 +151,8 @@ impl Alert {
             acknowledged_at: ack.map(|a| format_ms(a.at_ms)),
             acknowledged_by: ack.and_then(|a| a.by.as_deref()),
             event_ids: &self.event_ids,
+            title: self.title.as_deref(),
+            details: &self.details,
         }
     }
 }

@@ -10,8 +10,44 @@ use uuid::Uuid;
 
 use super::alert::Silence;
 use super::filter::{CompiledFilter, FieldPath, TypeMatcher};
-use super::spec::{FieldError, RuleSpec, WindowSpec};
+use super::spec::{FieldError, PluginRef, RuleSpec, WindowSpec};
 use crate::model::TenantId;
+use crate::plugins::registry::{parse_digest, PluginKind, PluginRecord, PluginVersion};
+use crate::plugins::Digest;
+
+/// The control plane's plugin records, by id.
+pub type Plugins = BTreeMap<Uuid, PluginRecord>;
+
+/// The plugin module a rule calls, resolved when the rule is compiled.
+#[derive(Debug, Clone)]
+pub struct PluginBinding {
+    pub plugin_id: Uuid,
+    pub version: String,
+    pub digest: Digest,
+    /// `plugin.config`, MessagePack-encoded once.
+    pub config: Arc<[u8]>,
+}
+
+/// Finds the plugin a rule names (by id or by name) among the tenant's plugins, and the
+/// version it pins (or the newest).
+pub fn resolve_plugin<'a>(
+    plugins: &'a Plugins,
+    tenant: TenantId,
+    r: &PluginRef,
+) -> Result<(&'a PluginRecord, &'a PluginVersion), FieldError> {
+    let by_id = Uuid::parse_str(&r.id).ok().and_then(|id| plugins.get(&id)).filter(|p| p.tenant_id == tenant);
+    let record = by_id
+        .or_else(|| plugins.values().find(|p| p.tenant_id == tenant && p.name == r.id))
+        .ok_or_else(|| FieldError { field: "plugin.id".into(), detail: format!("no such plugin: `{}`", r.id) })?;
+    if record.kind != PluginKind::Rule {
+        return Err(FieldError { field: "plugin.id".into(), detail: "the plugin is not a rule plugin".into() });
+    }
+    let version = record.version(r.version.as_deref()).ok_or_else(|| FieldError {
+        field: "plugin.version".into(),
+        detail: format!("plugin `{}` has no version `{}`", r.id, r.version.as_deref().unwrap_or("")),
+    })?;
+    Ok((record, version))
+}
 
 /// One version of a rule, as replicated through Raft.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +72,8 @@ pub enum RuleKind {
     Absence {
         ms: i64,
     },
+    /// Fires per matching event for which the plugin decides so (subject to cooldown).
+    Plugin(PluginBinding),
 }
 
 #[derive(Debug)]
@@ -57,7 +95,8 @@ fn path(p: &str, field: &str) -> Result<FieldPath, FieldError> {
 }
 
 impl CompiledRule {
-    pub fn compile(rule: Rule) -> Result<CompiledRule, FieldError> {
+    /// Compiles a rule; a plugin rule's plugin is resolved among `plugins`.
+    pub fn compile(rule: Rule, plugins: &Plugins) -> Result<CompiledRule, FieldError> {
         let spec = &rule.spec;
         let filter = spec.filter.as_ref().map(CompiledFilter::compile).transpose()?;
         let group_by = spec
@@ -67,6 +106,18 @@ impl CompiledRule {
             .map(|(i, p)| path(p, &format!("group_by[{i}]")))
             .collect::<Result<_, _>>()?;
         let kind = match (&spec.window, &spec.absence) {
+            _ if spec.plugin.is_some() => {
+                let r = spec.plugin.as_ref().ok_or_else(|| FieldError::new("plugin", "required"))?;
+                let (record, version) = resolve_plugin(plugins, rule.tenant_id, r)?;
+                let digest = parse_digest(&version.sha256)
+                    .ok_or_else(|| FieldError::new("plugin.version", "the plugin version has no valid digest"))?;
+                RuleKind::Plugin(PluginBinding {
+                    plugin_id: record.id,
+                    version: version.version.clone(),
+                    digest,
+                    config: crate::plugins::runtime::encode_config(&r.config),
+                })
+            }
             (Some(w), _) => RuleKind::Window {
                 spec: w.clone(),
                 field: w.field.as_deref().map(|f| path(f, "window.field")).transpose()?,
@@ -74,8 +125,12 @@ impl CompiledRule {
             (None, Some(a)) => RuleKind::Absence { ms: (a.seconds as i64).saturating_mul(1000) },
             (None, None) => RuleKind::Event,
         };
+        let plugin_id = match &kind {
+            RuleKind::Plugin(b) => b.plugin_id.to_string(),
+            _ => String::new(),
+        };
         let shape_text = format!(
-            "{}|{}|{}",
+            "{}|{}|{}|{plugin_id}",
             serde_json::to_string(&spec.window).unwrap_or_default(),
             serde_json::to_string(&spec.absence).unwrap_or_default(),
             spec.group_by.join("\u{1f}")
@@ -116,14 +171,25 @@ pub struct TenantRules {
 }
 
 impl TenantRules {
-    pub fn build(rules: &BTreeMap<Uuid, Vec<Rule>>, tenant: TenantId, silences: Vec<Silence>) -> TenantRules {
+    /// Compiles the tenant's enabled rules. Rules of a disabled plugin are left out.
+    pub fn build(
+        rules: &BTreeMap<Uuid, Vec<Rule>>,
+        plugins: &Plugins,
+        tenant: TenantId,
+        silences: Vec<Silence>,
+    ) -> TenantRules {
         let mut out = TenantRules { silences, ..Default::default() };
         for versions in rules.values() {
             let Some(current) = versions.last() else { continue };
-            if current.tenant_id != tenant || !current.spec.enabled || current.spec.plugin.is_some() {
+            if current.tenant_id != tenant || !current.spec.enabled {
                 continue;
             }
-            match CompiledRule::compile(current.clone()) {
+            if let Some(r) = &current.spec.plugin {
+                if resolve_plugin(plugins, tenant, r).is_ok_and(|(p, _)| p.disabled.is_some()) {
+                    continue;
+                }
+            }
+            match CompiledRule::compile(current.clone(), plugins) {
                 Ok(c) => {
                     out.by_id.insert(c.id(), out.rules.len());
                     out.rules.push(Arc::new(c));

@@ -29,14 +29,29 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::alert::{alert_id, Alert, AlertKind, AlertState};
-use super::compiled::{CompiledRule, RuleKind, RuleSet, TenantRules};
+use super::compiled::{CompiledRule, PluginBinding, RuleKind, RuleSet, TenantRules};
 use super::effects::{
     json_type, CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint,
     StateKey, MAX_CATALOG_FIELDS,
 };
 use super::window::{Insert, Window};
 use crate::model::{EventRecord, TenantId};
+use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome};
+use crate::plugins::state::{Counter, EntryKey, PluginState};
+use crate::plugins::{PluginHost, PluginStatsRegistry};
 use crate::telemetry;
+
+/// Stored plugin state entries are group keys with these prefixes (group keys of rules are
+/// JSON values, which never start with a NUL), followed by the entry's key in hex.
+const PLUGIN_WINDOW: &str = "\u{0}w";
+const PLUGIN_STATE: &str = "\u{0}s";
+
+fn plugin_entry_group(k: &EntryKey) -> String {
+    match k {
+        EntryKey::Window(key) => format!("{PLUGIN_WINDOW}{}", hex::encode(key)),
+        EntryKey::State(key) => format!("{PLUGIN_STATE}{}", hex::encode(key)),
+    }
+}
 
 /// Hash maps on the event path: seeded foldhash (much cheaper than SipHash for short keys).
 type FastMap<K, V> = foldhash::HashMap<K, V>;
@@ -130,6 +145,18 @@ struct RuleState {
     meta_dirty: bool,
     /// Boxed so the table stays small and probes stay in cache.
     groups: FastMap<String, Box<GroupState>>,
+    /// Window counters and key-value state of a plugin rule.
+    plugin: PluginState,
+}
+
+/// What the engine needs to run plugin rules.
+pub struct EnginePlugins {
+    pub host: PluginHost,
+    /// Where call health is recorded (none for dry-runs and backtests).
+    pub stats: Option<PluginStatsRegistry>,
+    pub max_consecutive_failures: u32,
+    /// Dry-runs keep every call's report.
+    pub reports: Option<Vec<(String, Uuid, CallReport)>>,
 }
 
 /// The compiled rules one event type meets.
@@ -189,6 +216,7 @@ pub struct Engine {
     key: String,
     /// Events processed since the last checkpoint.
     since_checkpoint: u64,
+    plugins: Option<EnginePlugins>,
 }
 
 /// Why stored engine state could not be restored.
@@ -196,7 +224,7 @@ pub struct Engine {
 #[error("engine state for rule {rule} is unreadable: {source}")]
 pub struct RestoreError {
     rule: Uuid,
-    source: rmp_serde::decode::Error,
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl Engine {
@@ -212,7 +240,17 @@ impl Engine {
             out: Out::default(),
             key: String::new(),
             since_checkpoint: 0,
+            plugins: None,
         }
+    }
+
+    /// Lets the engine run plugin rules (without, their calls fail as `unavailable`).
+    pub fn set_plugins(&mut self, plugins: EnginePlugins) {
+        self.plugins = Some(plugins);
+    }
+
+    pub fn plugins_mut(&mut self) -> Option<&mut EnginePlugins> {
+        self.plugins.as_mut()
     }
 
     /// Rebuilds an engine from its last checkpoint. Processing resumes after `meta.state_seq`;
@@ -231,11 +269,20 @@ impl Engine {
         for (k, bytes) in entries {
             let rule = k.rule;
             let rs = e.tenants.entry(k.tenant).or_default().rules.entry(k.rule).or_default();
+            let bad = |source: Box<dyn std::error::Error + Send + Sync>| RestoreError { rule, source };
             match k.group {
-                None => rs.meta = rmp_serde::from_slice(&bytes).map_err(|source| RestoreError { rule, source })?,
+                None => rs.meta = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?,
+                Some(g) if g.starts_with(PLUGIN_WINDOW) => {
+                    let key = hex::decode(&g[PLUGIN_WINDOW.len()..]).map_err(|e| bad(e.into()))?;
+                    let c: Counter = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?;
+                    rs.plugin.restore_window(key, c);
+                }
+                Some(g) if g.starts_with(PLUGIN_STATE) => {
+                    let key = hex::decode(&g[PLUGIN_STATE.len()..]).map_err(|e| bad(e.into()))?;
+                    rs.plugin.kv.insert(key, bytes);
+                }
                 Some(g) => {
-                    let gs: GroupState =
-                        rmp_serde::from_slice(&bytes).map_err(|source| RestoreError { rule, source })?;
+                    let gs: GroupState = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?;
                     rs.groups.insert(g, Box::new(gs));
                 }
             }
@@ -311,7 +358,17 @@ impl Engine {
             if rule.filter.as_ref().is_some_and(|f| !f.matches(ev)) {
                 continue;
             }
-            on_rule_event(&ctx, ts, rule, ev, &id, t, &mut self.key, &mut self.out);
+            let decision = match &rule.kind {
+                RuleKind::Plugin(binding) => {
+                    let rs = rule_state(ts, rule, clock, &mut self.out, ev.tenant_id);
+                    match call_plugin(&mut self.plugins, binding, rule, &mut rs.plugin, ev, t, clock) {
+                        Some(d) if d.fire => Some(d),
+                        _ => continue,
+                    }
+                }
+                _ => None,
+            };
+            on_rule_event(&ctx, ts, rule, ev, &id, t, &mut self.key, &mut self.out, decision.as_ref());
         }
     }
 
@@ -435,6 +492,25 @@ impl Engine {
                     Ok(b) => cp.puts.push((key, b)),
                     Err(e) => {
                         tracing::error!(rule_id = %key.rule, error = %e, "cannot encode rule state; it will be rebuilt")
+                    }
+                }
+            }
+            for (tenant, ts) in self.tenants.iter_mut() {
+                for (rule, rs) in ts.rules.iter_mut() {
+                    for k in rs.plugin.dirty.drain() {
+                        let group = Some(plugin_entry_group(&k));
+                        let key = StateKey { tenant: *tenant, rule: *rule, group };
+                        let bytes = match &k {
+                            EntryKey::Window(w) => rs.plugin.windows.get(w).map(rmp_serde::to_vec_named),
+                            EntryKey::State(s) => rs.plugin.kv.get(s).map(|v| Ok(v.clone())),
+                        };
+                        match bytes {
+                            Some(Ok(b)) => cp.puts.push((key, b)),
+                            None => cp.deletes.push(key),
+                            Some(Err(e)) => {
+                                tracing::error!(rule_id = %rule, error = %e, "cannot encode plugin state")
+                            }
+                        }
                     }
                 }
             }
@@ -583,6 +659,11 @@ fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out:
         }
         out.deletes.push(StateKey { tenant, rule, group: Some(key) });
     }
+    let entries = rs.plugin.windows.keys().map(|k| EntryKey::Window(k.clone()));
+    let entries = entries.chain(rs.plugin.kv.keys().map(|k| EntryKey::State(k.clone())));
+    for k in entries.chain(rs.plugin.dirty) {
+        out.deletes.push(StateKey { tenant, rule, group: Some(plugin_entry_group(&k)) });
+    }
     out.deletes.push(StateKey { tenant, rule, group: None });
 }
 
@@ -599,6 +680,7 @@ fn rule_state<'a>(
             meta: RuleMeta { version: rule.rule.version, shape: rule.shape, dropped_groups: 0, since_ms: clock },
             meta_dirty: true,
             groups: FastMap::default(),
+            plugin: PluginState::default(),
         }
     })
 }
@@ -613,6 +695,7 @@ fn on_rule_event(
     t: i64,
     key: &mut String,
     out: &mut Out,
+    decision: Option<&Decision>,
 ) {
     key.clear();
     for p in &rule.group_by {
@@ -624,7 +707,7 @@ fn on_rule_event(
     }
     let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
     if let Some(g) = rs.groups.get_mut(key.as_str()) {
-        on_group_event(ctx, rule, g, ev, id, t, key, out);
+        on_group_event(ctx, rule, g, ev, id, t, key, out, decision);
         return;
     }
     {
@@ -642,7 +725,7 @@ fn on_rule_event(
         out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(key.clone()) });
     }
     if let Some(g) = rs.groups.get_mut(key.as_str()) {
-        on_group_event(ctx, rule, g, ev, id, t, key, out);
+        on_group_event(ctx, rule, g, ev, id, t, key, out, decision);
     }
 }
 
@@ -656,9 +739,10 @@ fn on_group_event(
     t: i64,
     key: &str,
     out: &mut Out,
+    decision: Option<&Decision>,
 ) {
     match &rule.kind {
-        RuleKind::Event => {
+        RuleKind::Event | RuleKind::Plugin(_) => {
             if t > g.head_ms {
                 g.head_ms = t;
             }
@@ -670,7 +754,7 @@ fn on_group_event(
                 open.event_ids = g.recent.iter().map(|s| s.to_string()).collect();
                 mark_alert(out, ctx.tenant, rule.id(), key, g);
             } else if cooldown_over(rule, g, t) {
-                fire(ctx, rule, g, key, t, 1.0, out);
+                fire(ctx, rule, g, key, t, 1.0, out, decision);
                 if rule.cooldown_ms == 0 {
                     if let Some(mut a) = g.open.take() {
                         a.state = AlertState::Resolved;
@@ -774,7 +858,7 @@ fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: 
         }
         let since = *g.pending_since_ms.get_or_insert(at);
         if at - since >= rule.for_ms && cooldown_over(rule, g, at) {
-            fire(ctx, rule, g, key, at, value.unwrap_or_default(), out);
+            fire(ctx, rule, g, key, at, value.unwrap_or_default(), out, None);
         }
     } else {
         g.pending_since_ms = None;
@@ -787,7 +871,17 @@ fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: 
     }
 }
 
-fn fire(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, at: i64, value: f64, out: &mut Out) {
+#[allow(clippy::too_many_arguments)]
+fn fire(
+    ctx: &Ctx<'_>,
+    rule: &CompiledRule,
+    g: &mut GroupState,
+    key: &str,
+    at: i64,
+    value: f64,
+    out: &mut Out,
+    decision: Option<&Decision>,
+) {
     let spec = &rule.rule.spec;
     let group: std::collections::BTreeMap<String, Value> =
         spec.group_by.iter().cloned().zip(g.values.iter().cloned()).collect();
@@ -795,6 +889,7 @@ fn fire(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, at: i
         ctx.compiled.silences.iter().find(|s| s.matches(at, &rule.rule.id, &spec.labels, &group)).map(|s| s.id);
     let (kind, threshold, op, aggregate, window_seconds) = match &rule.kind {
         RuleKind::Event => (AlertKind::Event, None, None, None, None),
+        RuleKind::Plugin(_) => (AlertKind::Plugin, None, None, None, None),
         RuleKind::Window { spec: w, .. } => {
             (AlertKind::Window, Some(w.threshold), Some(w.op), Some(w.aggregate), Some(w.seconds))
         }
@@ -809,8 +904,15 @@ fn fire(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, at: i
         rule_version: rule.rule.version,
         rule_name: spec.name.clone(),
         kind,
-        severity: spec.severity,
-        labels: spec.labels.clone(),
+        severity: decision.and_then(|d| d.severity).unwrap_or(spec.severity),
+        labels: match decision {
+            Some(d) if !d.labels.is_empty() => {
+                let mut l = spec.labels.clone();
+                l.extend(d.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+                l
+            }
+            _ => spec.labels.clone(),
+        },
         group,
         value,
         threshold,
@@ -823,6 +925,8 @@ fn fire(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, at: i
         event_ids: g.recent.iter().map(|s| s.to_string()).collect(),
         silence_id,
         actions: spec.actions.clone(),
+        title: decision.and_then(|d| d.title.clone()),
+        details: decision.map(|d| d.fields.clone()).unwrap_or_default(),
     };
     g.last_fired_ms = Some(at);
     g.pending_since_ms = None;
@@ -849,6 +953,9 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
     }
     for (rule_id, rs) in ts.rules.iter_mut() {
         let Some(rule) = ctx.compiled.get(rule_id) else { continue };
+        if matches!(rule.kind, RuleKind::Plugin(_)) {
+            rs.plugin.expire(watermark);
+        }
         let mut idle = Vec::new();
         for (key, g) in rs.groups.iter_mut() {
             match &rule.kind {
@@ -866,7 +973,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                         idle.push(key.clone());
                     }
                 }
-                RuleKind::Event => {
+                RuleKind::Event | RuleKind::Plugin(_) => {
                     expire_event_alert(ctx, rule, g, key, out);
                     let now = g.head_ms.max(watermark);
                     if g.open.is_none() && cooldown_over(rule, g, now) {
@@ -877,7 +984,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                     let Some(last) = g.last_seen_ms else { continue };
                     if g.open.is_none() && ctx.clock_ms.saturating_sub(last) >= *ms {
                         let silent_s = (ctx.clock_ms - last) as f64 / 1000.0;
-                        fire(ctx, rule, g, key, last.saturating_add(*ms), silent_s, out);
+                        fire(ctx, rule, g, key, last.saturating_add(*ms), silent_s, out, None);
                         mark_dirty(out, ctx.tenant, *rule_id, key, g);
                     }
                 }
@@ -888,6 +995,39 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
             out.deletes.push(StateKey { tenant: ctx.tenant, rule: *rule_id, group: Some(key) });
         }
     }
+}
+
+/// Calls a plugin rule's module for one event; failures are recorded (and the rule's event
+/// evaluation simply does not fire).
+fn call_plugin(
+    plugins: &mut Option<EnginePlugins>,
+    binding: &PluginBinding,
+    rule: &CompiledRule,
+    state: &mut PluginState,
+    ev: &EventRecord,
+    t: i64,
+    clock: i64,
+) -> Option<Decision> {
+    let p = plugins.as_mut()?;
+    let input = CallInput {
+        event: ev,
+        time_ms: t,
+        config: &binding.config,
+        rule_id: rule.rule.id,
+        rule_version: rule.rule.version,
+    };
+    let report = p.host.evaluate(ev.tenant_id, &binding.digest, state, &input);
+    if let Some(stats) = &p.stats {
+        stats.record(ev.tenant_id, binding.plugin_id, &report, clock, p.max_consecutive_failures);
+    }
+    let decision = match &report.outcome {
+        Outcome::Decision(d) => Some(d.clone()),
+        Outcome::Failure(_) => None,
+    };
+    if let Some(r) = p.reports.as_mut() {
+        r.push((ev.id.clone(), rule.rule.id, report));
+    }
+    decision
 }
 
 #[cfg(test)]
@@ -913,7 +1053,7 @@ mod tests {
                 vec![Rule { id, tenant_id: tenant(), version: 1, spec, created_at_ms: 0, updated_at_ms: 0 }],
             );
         }
-        let tr = TenantRules::build(&versions, tenant(), Vec::new());
+        let tr = TenantRules::build(&versions, &Default::default(), tenant(), Vec::new());
         RuleSet { revision: 1, tenants: [(tenant(), Arc::new(tr))].into_iter().collect() }
     }
 

@@ -10,27 +10,57 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::Serialize;
+
 use super::alert::Alert;
-use super::compiled::{CompiledRule, Rule, RuleSet, TenantRules};
-use super::engine::{Engine, EngineConfig, Input};
+use super::compiled::{CompiledRule, Plugins, Rule, RuleSet, TenantRules};
+use super::engine::{Engine, EngineConfig, EnginePlugins, Input};
 use super::spec::FieldError;
 use crate::model::EventRecord;
+use crate::plugins::{CallReport, PluginHost};
+
+/// One plugin call of a replay.
+#[derive(Debug, Serialize)]
+pub struct PluginCall {
+    pub event_id: String,
+    #[serde(flatten)]
+    pub report: CallReport,
+}
+
+/// What a replay produced.
+#[derive(Debug, Default)]
+pub struct Replay {
+    pub alerts: Vec<Alert>,
+    /// Plugin rules: every call, in order.
+    pub plugin_calls: Vec<PluginCall>,
+}
 
 /// The alerts a rule produces over `events`, each in its final state, in firing order.
-/// `end_ms`, when given, adds a final tick (e.g. the end of a backtest range).
+/// `end_ms`, when given, adds a final tick (e.g. the end of a backtest range). A plugin rule's
+/// plugin is resolved in `plugins` and run on `host` (with fresh plugin state).
 pub fn run(
     rule: Rule,
+    plugins: &Plugins,
+    host: Option<PluginHost>,
     events: &mut [EventRecord],
     end_ms: Option<i64>,
     cfg: EngineConfig,
-) -> Result<Vec<Alert>, FieldError> {
+) -> Result<Replay, FieldError> {
     let tenant = rule.tenant_id;
-    let compiled = CompiledRule::compile(rule)?;
+    let compiled = CompiledRule::compile(rule, plugins)?;
     let mut rules = TenantRules::default();
     rules.by_id.insert(compiled.id(), 0);
     rules.rules.push(Arc::new(compiled));
     let set = RuleSet { revision: 1, tenants: [(tenant, Arc::new(rules))].into_iter().collect() };
     let mut engine = Engine::new(0, cfg);
+    if let Some(host) = host {
+        engine.set_plugins(EnginePlugins {
+            host,
+            stats: None,
+            max_consecutive_failures: u32::MAX,
+            reports: Some(Vec::new()),
+        });
+    }
     let mut seq = 0u64;
     let mut clock: Option<i64> = None;
     let mut alerts: Vec<Alert> = Vec::new();
@@ -64,5 +94,12 @@ pub fn run(
         engine.process(Input::Tick { seq, at_ms: end }, &set);
     }
     collect(&mut engine, &mut alerts);
-    Ok(alerts)
+    let plugin_calls = engine
+        .plugins_mut()
+        .and_then(|p| p.reports.take())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(event_id, _, report)| PluginCall { event_id, report })
+        .collect();
+    Ok(Replay { alerts, plugin_calls })
 }

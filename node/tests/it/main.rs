@@ -8,4 +8,5 @@ mod harness;
 mod idempotency;
 mod ingest;
 mod nats;
+mod plugins;
 mod rules;

@@ -1,0 +1,13 @@
+//! Tenant-uploaded WebAssembly plugins (ABI v1, see `sdk/ABI.md`): the registry records kept in
+//! the control plane, the wasmtime runtime and its sandbox, plugin state, and health
+//! statistics.
+
+pub mod registry;
+pub mod runtime;
+pub mod state;
+pub mod stats;
+pub mod store;
+
+pub use registry::{PluginKind, PluginRecord, PluginVersion};
+pub use runtime::{CallReport, Decision, Digest, FailureKind, Outcome, PluginHost, PluginRuntime};
+pub use stats::PluginStatsRegistry;

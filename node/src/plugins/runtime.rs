@@ -1,0 +1,743 @@
+//! The wasmtime side of ABI v1: module validation and compilation (at upload), instances kept
+//! per (tenant, module) in each partition engine, one `evaluate` call with its limits, and the
+//! classification of what went wrong.
+//!
+//! Limits: fuel per call (deterministic, so a replay after a crash makes the same decisions; an
+//! epoch deadline would not), a linear-memory cap per instance (a `ResourceLimiter`), an output
+//! size cap, a wasm stack cap, and a fuel charge per host call proportional to the bytes it
+//! moves. An instance is thrown away after any trap or limit error; the next call gets a fresh
+//! one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use wasmtime::{
+    Caller, Config, Engine, ExternType, Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc,
+    ValType,
+};
+
+use super::state::{PluginState, StateLimits};
+use crate::config::PluginsConfig;
+use crate::model::{EventRecord, TenantId};
+use crate::rules::spec::Severity;
+
+/// SHA-256 of a module's bytes: its identity in caches and the object store.
+pub type Digest = [u8; 32];
+
+/// The import namespace of ABI v1.
+pub const IMPORT_MODULE: &str = "signalops_v1";
+/// The export that marks a module as ABI v1 (returns 1).
+pub const ABI_MARKER: &str = "signalops_abi_v1";
+pub const ABI_VERSION: i32 = 1;
+
+/// Host functions of ABI v1: name, parameter types, result types (`i` = i32, `I` = i64).
+const IMPORTS: &[(&str, &str, &str)] = &[
+    ("log", "iii", ""),
+    ("now_ms", "", "I"),
+    ("window_add", "iiiI", "I"),
+    ("window_sum", "iii", "I"),
+    ("state_get", "iiii", "i"),
+    ("state_set", "iiii", "i"),
+    ("state_delete", "ii", "i"),
+];
+
+/// Exports every rule plugin has: name, parameters, results.
+const RULE_EXPORTS: &[(&str, &str, &str)] =
+    &[(ABI_MARKER, "", "i"), ("signalops_alloc", "i", "i"), ("evaluate", "ii", "I")];
+
+/// Fuel a host call costs before counting the bytes it moves.
+const HOST_CALL_FUEL: u64 = 200;
+/// Wasm stack per call.
+const MAX_WASM_STACK: usize = 512 * 1024;
+const MAX_TITLE_CHARS: usize = 1024;
+const MAX_LABELS: usize = 32;
+
+/// Why an uploaded module was refused. `status` is the HTTP status to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(status: u16, reason: &'static str, detail: impl Into<String>) -> Rejection {
+        Rejection { status, reason, detail: detail.into() }
+    }
+}
+
+/// How a plugin call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The module trapped (a panic, `unreachable`, an out-of-bounds access, stack overflow).
+    Trap,
+    /// The call used all its fuel.
+    FuelExhausted,
+    /// The module tried to grow its memory past the cap.
+    MemoryLimit,
+    /// The output is too large or not an ABI v1 decision.
+    BadOutput,
+    /// The plugin returned an error.
+    PluginError,
+    /// The module could not be loaded on this node.
+    Unavailable,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Trap => "trap",
+            FailureKind::FuelExhausted => "fuel_exhausted",
+            FailureKind::MemoryLimit => "memory_limit",
+            FailureKind::BadOutput => "bad_output",
+            FailureKind::PluginError => "plugin_error",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
+    Failure { kind, message: message.into() }
+}
+
+/// What a rule plugin decided for one event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub fire: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Severity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub fields: serde_json::Map<String, Value>,
+}
+
+/// The output map as a module writes it.
+#[derive(Deserialize)]
+struct RawOutput {
+    fire: Option<bool>,
+    severity: Option<String>,
+    title: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    fields: serde_json::Map<String, Value>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    pub level: &'static str,
+    pub message: String,
+}
+
+/// Everything about one call: the decision or the failure, and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallReport {
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub fuel_used: u64,
+    pub micros: u64,
+    pub logs: Vec<LogLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Decision(Decision),
+    Failure(Failure),
+}
+
+/// The limits of the plugin sandbox (from the `[plugins]` config).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_module_bytes: usize,
+    pub fuel_per_call: u64,
+    pub max_memory_bytes: usize,
+    pub max_output_bytes: usize,
+    pub max_log_lines: usize,
+    pub max_log_line_bytes: usize,
+    pub state: StateLimits,
+    pub max_instances: usize,
+}
+
+impl From<&PluginsConfig> for Limits {
+    fn from(c: &PluginsConfig) -> Limits {
+        Limits {
+            max_module_bytes: c.max_module_bytes,
+            fuel_per_call: c.fuel_per_call,
+            max_memory_bytes: c.max_memory_bytes,
+            max_output_bytes: c.max_output_bytes,
+            max_log_lines: c.max_log_lines,
+            max_log_line_bytes: 1024,
+            state: StateLimits { max_keys: c.max_state_keys, max_buckets: c.max_window_buckets },
+            max_instances: c.max_instances_per_partition,
+        }
+    }
+}
+
+/// The store data of one instance.
+pub struct HostCtx {
+    state: PluginState,
+    now_ms: i64,
+    logs: Vec<LogLine>,
+    memory_denied: bool,
+    limits: Limits,
+}
+
+impl ResourceLimiter for HostCtx {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limits.max_memory_bytes {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The engine, the host functions and the compiled modules of one node.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<HostCtx>,
+    limits: Limits,
+    modules: Mutex<HashMap<Digest, Module>>,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+fn sig(params: impl Iterator<Item = ValType>, results: impl Iterator<Item = ValType>) -> (String, String) {
+    let code = |t: ValType| match t {
+        ValType::I32 => 'i',
+        ValType::I64 => 'I',
+        ValType::F32 => 'f',
+        ValType::F64 => 'F',
+        _ => '?',
+    };
+    (params.map(code).collect(), results.map(code).collect())
+}
+
+/// Reads `len` bytes at `ptr` of the caller's memory.
+fn guest_bytes(caller: &mut Caller<'_, HostCtx>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
+    let mem = caller
+        .get_export("memory")
+        .and_then(|e| e.into_memory())
+        .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
+    let data = mem.data(&caller);
+    let start = ptr as u32 as usize;
+    let end = start.checked_add(len as u32 as usize).filter(|&e| e <= data.len());
+    match end {
+        Some(end) => Ok(data[start..end].to_vec()),
+        None => Err(wasmtime::Error::msg(format!("host call with out-of-bounds buffer {ptr}+{len}"))),
+    }
+}
+
+/// Takes the fuel a host call costs; traps with `OutOfFuel` when there is not enough.
+fn charge(caller: &mut Caller<'_, HostCtx>, bytes: usize) -> wasmtime::Result<()> {
+    let cost = HOST_CALL_FUEL.saturating_add(bytes as u64);
+    let fuel = caller.get_fuel()?;
+    if fuel < cost {
+        caller.set_fuel(0)?;
+        return Err(Trap::OutOfFuel.into());
+    }
+    caller.set_fuel(fuel - cost)
+}
+
+fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
+    let mut l = Linker::new(engine);
+    l.func_wrap(IMPORT_MODULE, "log", |mut c: Caller<'_, HostCtx>, level: i32, ptr: i32, len: i32| {
+        charge(&mut c, len.max(0) as usize)?;
+        let cap = c.data().limits.max_log_line_bytes;
+        let bytes = guest_bytes(&mut c, ptr, len.min(cap as i32))?;
+        let ctx = c.data_mut();
+        if ctx.logs.len() < ctx.limits.max_log_lines {
+            let level = match level {
+                0 => "debug",
+                1 => "info",
+                2 => "warn",
+                _ => "error",
+            };
+            ctx.logs.push(LogLine { level, message: String::from_utf8_lossy(&bytes).into_owned() });
+        }
+        Ok(())
+    })?;
+    l.func_wrap(IMPORT_MODULE, "now_ms", |c: Caller<'_, HostCtx>| c.data().now_ms)?;
+    l.func_wrap(
+        IMPORT_MODULE,
+        "window_add",
+        |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32, delta: i64| {
+            charge(&mut c, kl.max(0) as usize)?;
+            let key = guest_bytes(&mut c, kp, kl)?;
+            let ctx = c.data_mut();
+            let limits = ctx.limits.state;
+            Ok(ctx.state.window_add(&key, ctx.now_ms, seconds as i64, delta, limits))
+        },
+    )?;
+    l.func_wrap(IMPORT_MODULE, "window_sum", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32| {
+        charge(&mut c, kl.max(0) as usize)?;
+        let key = guest_bytes(&mut c, kp, kl)?;
+        let ctx = c.data_mut();
+        Ok(ctx.state.window_sum(&key, ctx.now_ms, seconds as i64))
+    })?;
+    l.func_wrap(
+        IMPORT_MODULE,
+        "state_get",
+        |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, out: i32, cap: i32| -> wasmtime::Result<i32> {
+            charge(&mut c, kl.max(0) as usize)?;
+            let key = guest_bytes(&mut c, kp, kl)?;
+            let Some(value) = c.data().state.state_get(&key).map(<[u8]>::to_vec) else { return Ok(-1) };
+            if value.len() <= cap.max(0) as usize {
+                charge(&mut c, value.len())?;
+                let mem = c
+                    .get_export("memory")
+                    .and_then(|e| e.into_memory())
+                    .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
+                mem.write(&mut c, out as u32 as usize, &value)
+                    .map_err(|_| wasmtime::Error::msg(format!("state_get into out-of-bounds buffer {out}+{cap}")))?;
+            }
+            Ok(value.len() as i32)
+        },
+    )?;
+    l.func_wrap(
+        IMPORT_MODULE,
+        "state_set",
+        |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, vp: i32, vl: i32| -> wasmtime::Result<i32> {
+            charge(&mut c, (kl.max(0) as usize).saturating_add(vl.max(0) as usize))?;
+            if vl as u32 as usize > super::state::MAX_VALUE_BYTES {
+                return Ok(super::state::ERR_INVALID as i32);
+            }
+            let key = guest_bytes(&mut c, kp, kl)?;
+            let value = guest_bytes(&mut c, vp, vl)?;
+            let ctx = c.data_mut();
+            let limits = ctx.limits.state;
+            Ok(ctx.state.state_set(&key, &value, limits) as i32)
+        },
+    )?;
+    l.func_wrap(IMPORT_MODULE, "state_delete", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32| {
+        charge(&mut c, kl.max(0) as usize)?;
+        let key = guest_bytes(&mut c, kp, kl)?;
+        Ok(c.data_mut().state.state_delete(&key) as i32)
+    })?;
+    Ok(l)
+}
+
+/// A module that passed validation.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub digest: Digest,
+    pub module: Module,
+}
+
+/// Hex form of a digest.
+pub fn digest_hex(d: &Digest) -> String {
+    hex::encode(d)
+}
+
+impl PluginRuntime {
+    pub fn new(cfg: &PluginsConfig) -> anyhow::Result<PluginRuntime> {
+        let mut c = Config::new();
+        c.consume_fuel(true);
+        c.max_wasm_stack(MAX_WASM_STACK);
+        let engine = Engine::new(&c).map_err(|e| anyhow::anyhow!("plugin engine: {e:#}"))?;
+        let linker = build_linker(&engine).map_err(|e| anyhow::anyhow!("plugin host functions: {e:#}"))?;
+        Ok(PluginRuntime { engine, linker, limits: Limits::from(cfg), modules: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The compiled module with this digest, if this node has it.
+    pub fn module(&self, digest: &Digest) -> Option<Module> {
+        self.modules.lock().ok().and_then(|m| m.get(digest).cloned())
+    }
+
+    /// Validates and compiles a module (CPU-heavy: call from a blocking thread), checks its
+    /// ABI by instantiating it once, and caches the compiled module.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Validated, Rejection> {
+        use sha2::Digest as _;
+        if bytes.len() > self.limits.max_module_bytes {
+            return Err(Rejection::new(
+                413,
+                "module_too_large",
+                format!("the module is {} bytes; the limit is {}", bytes.len(), self.limits.max_module_bytes),
+            ));
+        }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(Rejection::new(
+                400,
+                "not_wasm",
+                "the body is not a WebAssembly binary module (no \\0asm header)",
+            ));
+        }
+        let digest: Digest = sha2::Sha256::digest(bytes).into();
+        if let Some(module) = self.module(&digest) {
+            return Ok(Validated { digest, module });
+        }
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|e| Rejection::new(422, "invalid_module", format!("the module does not validate: {e:#}")))?;
+        check_interface(&module)?;
+        // Instantiate once: runs the start function under the limits and checks the marker.
+        let mut store = self.new_store();
+        let version = (|| -> wasmtime::Result<i32> {
+            store.set_fuel(self.limits.fuel_per_call)?;
+            let instance = self.linker.instantiate(&mut store, &module)?;
+            let marker = instance.get_typed_func::<(), i32>(&mut store, ABI_MARKER)?;
+            marker.call(&mut store, ())
+        })()
+        .map_err(|e| {
+            let f = classify(&e, store.data().memory_denied);
+            Rejection::new(
+                422,
+                "instantiation_failed",
+                format!("the module fails to start ({}): {}", f.kind.as_str(), f.message),
+            )
+        })?;
+        if version != ABI_VERSION {
+            return Err(Rejection::new(
+                422,
+                "abi_version",
+                format!("`{ABI_MARKER}` returns {version}; this node speaks ABI {ABI_VERSION}"),
+            ));
+        }
+        if let Ok(mut m) = self.modules.lock() {
+            m.insert(digest, module.clone());
+        }
+        Ok(Validated { digest, module })
+    }
+
+    fn new_store(&self) -> Store<HostCtx> {
+        let ctx = HostCtx {
+            state: PluginState::default(),
+            now_ms: 0,
+            logs: Vec::new(),
+            memory_denied: false,
+            limits: self.limits,
+        };
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|c| c as &mut dyn ResourceLimiter);
+        store
+    }
+}
+
+/// Checks imports and exports against ABI v1.
+fn check_interface(module: &Module) -> Result<(), Rejection> {
+    for imp in module.imports() {
+        let what = format!("{}.{}", imp.module(), imp.name());
+        if imp.module() != IMPORT_MODULE {
+            return Err(Rejection::new(
+                422,
+                "forbidden_import",
+                format!("the module imports `{what}`; plugins may import only from `{IMPORT_MODULE}` (no WASI, no host access)"),
+            ));
+        }
+        let Some((_, p, r)) = IMPORTS.iter().find(|(n, _, _)| *n == imp.name()) else {
+            return Err(Rejection::new(422, "forbidden_import", format!("`{what}` is not a host function of ABI v1")));
+        };
+        let ExternType::Func(ft) = imp.ty() else {
+            return Err(Rejection::new(422, "forbidden_import", format!("`{what}` must be imported as a function")));
+        };
+        if sig(ft.params(), ft.results()) != (p.to_string(), r.to_string()) {
+            return Err(Rejection::new(
+                422,
+                "import_signature",
+                format!("`{what}` is imported with the wrong signature"),
+            ));
+        }
+    }
+    match module.get_export("memory") {
+        Some(ExternType::Memory(m)) if !m.is_64() => {}
+        _ => {
+            return Err(Rejection::new(
+                422,
+                "missing_export",
+                "the module must export its 32-bit linear memory as `memory`",
+            ))
+        }
+    }
+    for (name, p, r) in RULE_EXPORTS {
+        match module.get_export(name) {
+            Some(ExternType::Func(ft)) if sig(ft.params(), ft.results()) == (p.to_string(), r.to_string()) => {}
+            Some(_) => {
+                return Err(Rejection::new(422, "export_signature", format!("the export `{name}` has the wrong type")))
+            }
+            None => {
+                return Err(Rejection::new(
+                    422,
+                    "missing_export",
+                    format!("the module does not export `{name}` (built without `export_rule!`?)"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sorts an error from wasmtime into a failure kind.
+fn classify(e: &wasmtime::Error, memory_denied: bool) -> Failure {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => failure(FailureKind::FuelExhausted, "the call used all its fuel"),
+        _ if memory_denied => failure(FailureKind::MemoryLimit, format!("memory limit reached, then: {e}")),
+        _ => failure(FailureKind::Trap, format!("{e:#}")),
+    }
+}
+
+/// One live instance.
+struct Live {
+    store: Store<HostCtx>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    evaluate: TypedFunc<(i32, i32), i64>,
+}
+
+/// What a call is about.
+pub struct CallInput<'a> {
+    pub event: &'a EventRecord,
+    /// The event's effective time (what `now_ms` returns).
+    pub time_ms: i64,
+    /// The rule's `plugin.config`, MessagePack-encoded.
+    pub config: &'a [u8],
+    pub rule_id: uuid::Uuid,
+    pub rule_version: u32,
+}
+
+/// The plugin instances of one partition engine (or one test run): calls are sequential.
+pub struct PluginHost {
+    runtime: Arc<PluginRuntime>,
+    instances: HashMap<(TenantId, Digest), Live>,
+    buf: Vec<u8>,
+}
+
+impl PluginHost {
+    pub fn new(runtime: Arc<PluginRuntime>) -> PluginHost {
+        PluginHost { runtime, instances: HashMap::new(), buf: Vec::new() }
+    }
+
+    pub fn runtime(&self) -> &Arc<PluginRuntime> {
+        &self.runtime
+    }
+
+    fn instantiate(&self, module: &Module) -> Result<Live, Failure> {
+        let mut store = self.runtime.new_store();
+        type Parts = (Memory, TypedFunc<i32, i32>, TypedFunc<(i32, i32), i64>);
+        let r = (|| -> wasmtime::Result<Parts> {
+            store.set_fuel(self.runtime.limits.fuel_per_call)?;
+            let instance: Instance = self.runtime.linker.instantiate(&mut store, module)?;
+            let memory = instance
+                .get_memory(&mut store, "memory")
+                .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
+            let alloc = instance.get_typed_func::<i32, i32>(&mut store, "signalops_alloc")?;
+            let evaluate = instance.get_typed_func::<(i32, i32), i64>(&mut store, "evaluate")?;
+            Ok((memory, alloc, evaluate))
+        })();
+        match r {
+            Ok((memory, alloc, evaluate)) => Ok(Live { store, memory, alloc, evaluate }),
+            Err(e) => Err(classify(&e, store.data().memory_denied)),
+        }
+    }
+
+    /// Calls a rule plugin for one event, with `state` (the rule's plugin state) available to
+    /// the host functions. The state keeps the call's changes only if it returns a decision.
+    pub fn evaluate(
+        &mut self,
+        tenant: TenantId,
+        digest: &Digest,
+        state: &mut PluginState,
+        input: &CallInput<'_>,
+    ) -> CallReport {
+        let started = Instant::now();
+        let limits = self.runtime.limits;
+        let key = (tenant, *digest);
+        if !self.instances.contains_key(&key) {
+            let Some(module) = self.runtime.module(digest) else {
+                return report(
+                    Outcome::Failure(failure(
+                        FailureKind::Unavailable,
+                        "the plugin's module is not loaded on this node",
+                    )),
+                    0,
+                    started,
+                    Vec::new(),
+                );
+            };
+            match self.instantiate(&module) {
+                Ok(live) => {
+                    if self.instances.len() >= limits.max_instances {
+                        // Bounded: drop an arbitrary instance; it is rebuilt when needed.
+                        if let Some(k) = self.instances.keys().next().copied() {
+                            self.instances.remove(&k);
+                        }
+                    }
+                    self.instances.insert(key, live);
+                }
+                Err(f) => return report(Outcome::Failure(f), limits.fuel_per_call, started, Vec::new()),
+            }
+        }
+        encode_input(&mut self.buf, input);
+        let Some(live) = self.instances.get_mut(&key) else {
+            return report(Outcome::Failure(failure(FailureKind::Unavailable, "no instance")), 0, started, Vec::new());
+        };
+        std::mem::swap(&mut live.store.data_mut().state, state);
+        {
+            let ctx = live.store.data_mut();
+            ctx.now_ms = input.time_ms;
+            ctx.logs.clear();
+            ctx.memory_denied = false;
+        }
+        let result = call(live, &self.buf, limits);
+        let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
+        let logs = std::mem::take(&mut live.store.data_mut().logs);
+        std::mem::swap(&mut live.store.data_mut().state, state);
+        let discard = match &result {
+            Ok(_) => {
+                state.commit();
+                false
+            }
+            Err(f) => {
+                state.rollback();
+                f.kind != FailureKind::PluginError
+            }
+        };
+        if discard {
+            self.instances.remove(&key);
+        }
+        let outcome = match result {
+            Ok(d) => Outcome::Decision(d),
+            Err(f) => Outcome::Failure(f),
+        };
+        report(outcome, fuel_used, started, logs)
+    }
+
+    /// Drops the instances of modules other than `keep` (after a rule-set change).
+    pub fn retain(&mut self, keep: impl Fn(&TenantId, &Digest) -> bool) {
+        self.instances.retain(|(t, d), _| keep(t, d));
+    }
+}
+
+fn report(outcome: Outcome, fuel_used: u64, started: Instant, logs: Vec<LogLine>) -> CallReport {
+    CallReport { outcome, fuel_used, micros: started.elapsed().as_micros() as u64, logs }
+}
+
+fn call(live: &mut Live, input: &[u8], limits: Limits) -> Result<Decision, Failure> {
+    let store = &mut live.store;
+    let run = (|| -> wasmtime::Result<i64> {
+        store.set_fuel(limits.fuel_per_call)?;
+        let len = i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
+        let ptr = live.alloc.call(&mut *store, len)?;
+        live.memory.write(&mut *store, ptr as u32 as usize, input).map_err(|_| {
+            wasmtime::Error::msg(format!("signalops_alloc returned an out-of-bounds buffer {ptr}+{len}"))
+        })?;
+        live.evaluate.call(&mut *store, (ptr, len))
+    })();
+    let packed = match run {
+        Ok(p) => p,
+        Err(e) => return Err(classify(&e, store.data().memory_denied)),
+    };
+    let ptr = (packed as u64 >> 32) as usize;
+    let len = (packed as u64 & 0xffff_ffff) as usize;
+    if len > limits.max_output_bytes {
+        return Err(failure(
+            FailureKind::BadOutput,
+            format!("output is {len} bytes; the limit is {}", limits.max_output_bytes),
+        ));
+    }
+    let data = live.memory.data(&*store);
+    let Some(bytes) = ptr.checked_add(len).and_then(|end| data.get(ptr..end)) else {
+        return Err(failure(FailureKind::BadOutput, format!("output {ptr}+{len} is outside the module's memory")));
+    };
+    decode_output(bytes)
+}
+
+/// Reads an ABI v1 output map.
+pub fn decode_output(bytes: &[u8]) -> Result<Decision, Failure> {
+    let raw: RawOutput = rmp_serde::from_slice(bytes)
+        .map_err(|e| failure(FailureKind::BadOutput, format!("output is not an ABI v1 decision map: {e}")))?;
+    if let Some(msg) = raw.error {
+        return Err(failure(FailureKind::PluginError, msg));
+    }
+    let fire = raw.fire.ok_or_else(|| failure(FailureKind::BadOutput, "output has no `fire`"))?;
+    let severity = match raw.severity {
+        None => None,
+        Some(s) => Some(
+            Severity::from_name(&s)
+                .ok_or_else(|| failure(FailureKind::BadOutput, format!("`severity` {s:?} is not a severity")))?,
+        ),
+    };
+    if raw.title.as_ref().is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS) {
+        return Err(failure(FailureKind::BadOutput, format!("`title` is longer than {MAX_TITLE_CHARS} characters")));
+    }
+    if raw.labels.len() > MAX_LABELS {
+        return Err(failure(FailureKind::BadOutput, format!("more than {MAX_LABELS} labels")));
+    }
+    Ok(Decision { fire, severity, title: raw.title, labels: raw.labels, fields: raw.fields })
+}
+
+/// Writes the ABI v1 input map.
+fn encode_input(buf: &mut Vec<u8>, input: &CallInput<'_>) {
+    use rmp::encode as w;
+    buf.clear();
+    let ev = input.event;
+    // Writing into a Vec cannot fail.
+    let _ = w::write_map_len(buf, 4);
+    let _ = w::write_str(buf, "abi");
+    let _ = w::write_uint(buf, ABI_VERSION as u64);
+    let _ = w::write_str(buf, "event");
+    let _ = w::write_map_len(buf, 9);
+    let _ = w::write_str(buf, "id");
+    let _ = w::write_str(buf, &ev.id);
+    let _ = w::write_str(buf, "tenant_id");
+    let _ = w::write_str(buf, &ev.tenant_id.to_string());
+    let _ = w::write_str(buf, "type");
+    let _ = w::write_str(buf, &ev.event_type);
+    for (k, v) in [("source", &ev.source), ("user_id", &ev.user_id), ("session_id", &ev.session_id)] {
+        let _ = w::write_str(buf, k);
+        match v {
+            Some(s) => {
+                let _ = w::write_str(buf, s);
+            }
+            None => {
+                let _ = w::write_nil(buf);
+            }
+        }
+    }
+    let _ = w::write_str(buf, "occurred_at_ms");
+    let _ = w::write_sint(buf, ev.occurred_at_ms);
+    let _ = w::write_str(buf, "received_at_ms");
+    let _ = w::write_sint(buf, ev.received_at_ms);
+    let _ = w::write_str(buf, "payload");
+    if rmp_serde::encode::write(buf, &ev.payload).is_err() {
+        let _ = w::write_map_len(buf, 0);
+    }
+    let _ = w::write_str(buf, "config");
+    buf.extend_from_slice(input.config);
+    let _ = w::write_str(buf, "rule");
+    let _ = w::write_map_len(buf, 2);
+    let _ = w::write_str(buf, "id");
+    let _ = w::write_str(buf, &input.rule_id.to_string());
+    let _ = w::write_str(buf, "version");
+    let _ = w::write_uint(buf, input.rule_version as u64);
+}
+
+/// Encodes a rule's `plugin.config` once, when the rule is compiled.
+pub fn encode_config(config: &Value) -> Arc<[u8]> {
+    rmp_serde::to_vec(config).unwrap_or_else(|_| vec![0x80]).into()
+}

@@ -1,0 +1,303 @@
+//! What plugins keep between calls: sliding-window counters and small key-value entries, per
+//! (tenant, rule), inside the partition engine's state (so they are checkpointed with it and
+//! replay exactly). A call's changes are journaled and rolled back unless the call succeeds.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// Longest key of a window counter or state entry, in bytes (ABI v1).
+pub const MAX_KEY_BYTES: usize = 256;
+/// Largest state value, in bytes (ABI v1).
+pub const MAX_VALUE_BYTES: usize = 4096;
+/// Longest window, in seconds (ABI v1).
+pub const MAX_WINDOW_SECONDS: i64 = 3600;
+
+/// Helper return codes (ABI v1): bad arguments, and a full rule state.
+pub const ERR_INVALID: i64 = -1;
+pub const ERR_FULL: i64 = -2;
+
+/// A sliding-window counter: sums per second of event time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counter {
+    /// Longest window asked of this counter; buckets older than that are dropped.
+    pub span_s: i64,
+    /// (second, sum), ascending by second.
+    pub buckets: VecDeque<(i64, i64)>,
+}
+
+impl Counter {
+    fn add(&mut self, sec: i64, delta: i64) -> bool {
+        let pos = self.buckets.iter().rposition(|(s, _)| *s <= sec);
+        match pos {
+            Some(i) if self.buckets[i].0 == sec => {
+                self.buckets[i].1 = self.buckets[i].1.saturating_add(delta);
+                false
+            }
+            Some(i) => {
+                self.buckets.insert(i + 1, (sec, delta));
+                true
+            }
+            None => {
+                self.buckets.push_front((sec, delta));
+                true
+            }
+        }
+    }
+
+    /// Sum over `(sec - seconds, sec]`.
+    pub fn sum(&self, sec: i64, seconds: i64) -> i64 {
+        self.buckets
+            .iter()
+            .rev()
+            .skip_while(|(s, _)| *s > sec)
+            .take_while(|(s, _)| *s > sec - seconds)
+            .fold(0i64, |acc, (_, v)| acc.saturating_add(*v))
+    }
+}
+
+/// Which entry of a rule's plugin state changed (for checkpoints).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EntryKey {
+    Window(Vec<u8>),
+    State(Vec<u8>),
+}
+
+/// Undo records of one call.
+#[derive(Debug)]
+enum Undo {
+    WindowAdd { key: Vec<u8>, sec: i64, delta: i64, new_bucket: bool, new_key: bool, span_s: i64 },
+    Span { key: Vec<u8>, span_s: i64 },
+    State { key: Vec<u8>, previous: Option<Vec<u8>> },
+}
+
+/// Limits on one rule's plugin state.
+#[derive(Debug, Clone, Copy)]
+pub struct StateLimits {
+    pub max_keys: usize,
+    pub max_buckets: usize,
+}
+
+/// One rule's plugin state in one partition.
+#[derive(Debug, Default)]
+pub struct PluginState {
+    pub windows: HashMap<Vec<u8>, Counter>,
+    pub kv: HashMap<Vec<u8>, Vec<u8>>,
+    buckets: usize,
+    journal: Vec<Undo>,
+    /// Entries changed since the last checkpoint.
+    pub dirty: HashSet<EntryKey>,
+}
+
+impl PluginState {
+    /// Restores one checkpointed counter.
+    pub fn restore_window(&mut self, key: Vec<u8>, c: Counter) {
+        self.buckets += c.buckets.len();
+        self.windows.insert(key, c);
+    }
+
+    pub fn keys(&self) -> usize {
+        self.windows.len() + self.kv.len()
+    }
+
+    fn touch(&mut self, k: EntryKey) {
+        self.dirty.insert(k);
+    }
+
+    pub fn window_add(&mut self, key: &[u8], now_ms: i64, seconds: i64, delta: i64, limits: StateLimits) -> i64 {
+        if key.len() > MAX_KEY_BYTES || !(1..=MAX_WINDOW_SECONDS).contains(&seconds) {
+            return ERR_INVALID;
+        }
+        let sec = now_ms.div_euclid(1000);
+        let new_key = !self.windows.contains_key(key);
+        if new_key && self.keys() >= limits.max_keys {
+            return ERR_FULL;
+        }
+        if self.buckets >= limits.max_buckets
+            && self.windows.get(key).is_none_or(|c| !c.buckets.iter().any(|(s, _)| *s == sec))
+        {
+            return ERR_FULL;
+        }
+        let c = self.windows.entry(key.to_vec()).or_default();
+        let span_s = c.span_s;
+        c.span_s = c.span_s.max(seconds);
+        let new_bucket = c.add(sec, delta);
+        let sum = c.sum(sec, seconds);
+        if new_bucket {
+            self.buckets += 1;
+        }
+        self.journal.push(Undo::WindowAdd { key: key.to_vec(), sec, delta, new_bucket, new_key, span_s });
+        self.touch(EntryKey::Window(key.to_vec()));
+        sum
+    }
+
+    pub fn window_sum(&mut self, key: &[u8], now_ms: i64, seconds: i64) -> i64 {
+        if key.len() > MAX_KEY_BYTES || !(1..=MAX_WINDOW_SECONDS).contains(&seconds) {
+            return ERR_INVALID;
+        }
+        let Some(c) = self.windows.get_mut(key) else { return 0 };
+        if seconds > c.span_s {
+            // A longer window from now on keeps buckets longer.
+            self.journal.push(Undo::Span { key: key.to_vec(), span_s: c.span_s });
+            c.span_s = seconds;
+            self.dirty.insert(EntryKey::Window(key.to_vec()));
+        }
+        c.sum(now_ms.div_euclid(1000), seconds)
+    }
+
+    pub fn state_get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.kv.get(key).map(|v| v.as_slice())
+    }
+
+    pub fn state_set(&mut self, key: &[u8], value: &[u8], limits: StateLimits) -> i64 {
+        if key.len() > MAX_KEY_BYTES || value.len() > MAX_VALUE_BYTES {
+            return ERR_INVALID;
+        }
+        if !self.kv.contains_key(key) && self.keys() >= limits.max_keys {
+            return ERR_FULL;
+        }
+        let previous = self.kv.insert(key.to_vec(), value.to_vec());
+        self.journal.push(Undo::State { key: key.to_vec(), previous });
+        self.touch(EntryKey::State(key.to_vec()));
+        0
+    }
+
+    pub fn state_delete(&mut self, key: &[u8]) -> i64 {
+        match self.kv.remove(key) {
+            Some(previous) => {
+                self.journal.push(Undo::State { key: key.to_vec(), previous: Some(previous) });
+                self.touch(EntryKey::State(key.to_vec()));
+                1
+            }
+            None => 0,
+        }
+    }
+
+    /// Keeps the changes of the call that just ended.
+    pub fn commit(&mut self) {
+        self.journal.clear();
+    }
+
+    /// Undoes the changes of the call that just ended (newest first).
+    pub fn rollback(&mut self) {
+        while let Some(u) = self.journal.pop() {
+            match u {
+                Undo::WindowAdd { key, sec, delta, new_bucket, new_key, span_s } => {
+                    if new_key {
+                        if let Some(c) = self.windows.remove(&key) {
+                            self.buckets -= c.buckets.len();
+                        }
+                        continue;
+                    }
+                    let Some(c) = self.windows.get_mut(&key) else { continue };
+                    c.span_s = span_s;
+                    if let Some(i) = c.buckets.iter().position(|(s, _)| *s == sec) {
+                        if new_bucket {
+                            c.buckets.remove(i);
+                            self.buckets -= 1;
+                        } else {
+                            c.buckets[i].1 = c.buckets[i].1.saturating_sub(delta);
+                        }
+                    }
+                }
+                Undo::Span { key, span_s } => {
+                    if let Some(c) = self.windows.get_mut(&key) {
+                        c.span_s = span_s;
+                    }
+                }
+                Undo::State { key, previous } => match previous {
+                    Some(v) => {
+                        self.kv.insert(key, v);
+                    }
+                    None => {
+                        self.kv.remove(&key);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Drops buckets that no window can reach any more: older than `span` before `now_ms`
+    /// (the partition's watermark); counters left empty go, and are marked dirty so the
+    /// checkpoint deletes them.
+    pub fn expire(&mut self, now_ms: i64) {
+        let sec = now_ms.div_euclid(1000);
+        let mut gone = Vec::new();
+        for (k, c) in self.windows.iter_mut() {
+            let before = c.buckets.len();
+            while c.buckets.front().is_some_and(|(s, _)| *s <= sec - c.span_s) {
+                c.buckets.pop_front();
+            }
+            let removed = before - c.buckets.len();
+            if removed > 0 {
+                self.buckets -= removed;
+                self.dirty.insert(EntryKey::Window(k.clone()));
+                if c.buckets.is_empty() {
+                    gone.push(k.clone());
+                }
+            }
+        }
+        for k in gone {
+            self.windows.remove(&k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: StateLimits = StateLimits { max_keys: 3, max_buckets: 100 };
+
+    #[test]
+    fn windows_slide_over_event_time() {
+        let mut s = PluginState::default();
+        assert_eq!(s.window_add(b"card", 10_000, 10, 1, L), 1);
+        assert_eq!(s.window_add(b"card", 15_500, 10, 1, L), 2);
+        // A late event lands in its own second and counts in windows that reach it.
+        assert_eq!(s.window_add(b"card", 12_000, 10, 1, L), 2);
+        assert_eq!(s.window_sum(b"card", 19_999, 10), 3);
+        assert_eq!(s.window_sum(b"card", 20_000, 10), 2);
+        assert_eq!(s.window_sum(b"card", 26_000, 10), 0);
+        assert_eq!(s.window_add(b"card", 0, 0, 1, L), ERR_INVALID);
+        assert_eq!(s.window_add(&[0; 257], 0, 1, 1, L), ERR_INVALID);
+        s.commit();
+        s.expire(30_000);
+        assert!(s.windows.is_empty());
+        assert_eq!(s.buckets, 0);
+    }
+
+    #[test]
+    fn rollback_restores_everything_a_call_changed() {
+        let mut s = PluginState::default();
+        s.window_add(b"a", 1_000, 60, 5, L);
+        s.state_set(b"k", b"v1", L);
+        s.commit();
+        s.dirty.clear();
+        s.window_add(b"a", 1_000, 60, 2, L);
+        s.window_add(b"a", 2_000, 120, 1, L);
+        s.window_add(b"b", 1_000, 60, 1, L);
+        s.state_set(b"k", b"v2", L);
+        s.state_set(b"new", b"x", L);
+        assert_eq!(s.state_delete(b"k"), 1);
+        s.rollback();
+        assert_eq!(s.window_sum(b"a", 2_000, 60), 5);
+        assert_eq!(s.windows.get(b"a".as_slice()).map(|c| c.span_s), Some(60));
+        assert!(!s.windows.contains_key(b"b".as_slice()));
+        assert_eq!(s.state_get(b"k"), Some(b"v1".as_slice()));
+        assert_eq!(s.state_get(b"new"), None);
+        assert_eq!(s.buckets, 1);
+    }
+
+    #[test]
+    fn limits_refuse_new_keys_but_not_existing_ones() {
+        let mut s = PluginState::default();
+        for k in [b"a", b"b", b"c"] {
+            assert_eq!(s.state_set(k, b"1", L), 0);
+        }
+        assert_eq!(s.state_set(b"d", b"1", L), ERR_FULL);
+        assert_eq!(s.window_add(b"w", 0, 1, 1, L), ERR_FULL);
+        assert_eq!(s.state_set(b"a", b"2", L), 0);
+        assert_eq!(s.state_set(b"a", &[0; MAX_VALUE_BYTES + 1], L), ERR_INVALID);
+    }
+}

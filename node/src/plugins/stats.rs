@@ -1,0 +1,136 @@
+//! Health of each plugin as this node sees it: invocations, failures by kind, call times,
+//! the last error and the current run of consecutive failures. Also exported as metrics
+//! labelled by tenant and plugin.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::runtime::{CallReport, FailureKind, Outcome};
+use crate::model::TenantId;
+use crate::telemetry;
+
+/// Call times kept for percentiles.
+const TIMES_KEPT: usize = 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    pub kind: FailureKind,
+    pub message: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    invocations: u64,
+    fired: u64,
+    failures: BTreeMap<FailureKind, u64>,
+    consecutive_failures: u32,
+    last_error: Option<LastError>,
+    micros: VecDeque<u32>,
+}
+
+/// What the API shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PluginHealth {
+    pub invocations: u64,
+    pub fired: u64,
+    pub failures: BTreeMap<FailureKind, u64>,
+    pub consecutive_failures: u32,
+    pub p50_us: Option<u32>,
+    pub p99_us: Option<u32>,
+    pub last_error: Option<LastError>,
+}
+
+/// A request to disable a plugin's rules after too many failures in a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisableRequest {
+    pub tenant: TenantId,
+    pub plugin: Uuid,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PluginStatsRegistry {
+    inner: Arc<Mutex<HashMap<(TenantId, Uuid), Entry>>>,
+    disable: Arc<Mutex<Vec<DisableRequest>>>,
+}
+
+impl PluginStatsRegistry {
+    /// Records one call; asks for the plugin to be disabled when its run of failures reaches
+    /// `max_consecutive`.
+    pub fn record(&self, tenant: TenantId, plugin: Uuid, r: &CallReport, at_ms: i64, max_consecutive: u32) {
+        let (t, p) = (tenant.to_string(), plugin.to_string());
+        metrics::counter!(telemetry::PLUGIN_CALLS, "tenant_id" => t.clone(), "plugin_id" => p.clone()).increment(1);
+        metrics::histogram!(telemetry::PLUGIN_CALL_DURATION, "tenant_id" => t.clone(), "plugin_id" => p.clone())
+            .record(r.micros as f64 / 1e6);
+        let Ok(mut map) = self.inner.lock() else { return };
+        let e = map.entry((tenant, plugin)).or_default();
+        e.invocations += 1;
+        if e.micros.len() == TIMES_KEPT {
+            e.micros.pop_front();
+        }
+        e.micros.push_back(r.micros.min(u32::MAX as u64) as u32);
+        match &r.outcome {
+            Outcome::Decision(d) => {
+                e.consecutive_failures = 0;
+                e.fired += d.fire as u64;
+            }
+            Outcome::Failure(f) => {
+                metrics::counter!(telemetry::PLUGIN_FAILURES, "tenant_id" => t, "plugin_id" => p, "kind" => f.kind.as_str())
+                    .increment(1);
+                *e.failures.entry(f.kind).or_default() += 1;
+                e.consecutive_failures += 1;
+                e.last_error = Some(LastError { kind: f.kind, message: f.message.clone(), at_ms });
+                tracing::warn!(tenant_id = %tenant, plugin_id = %plugin, kind = f.kind.as_str(), error = %f.message, "plugin call failed");
+                if max_consecutive > 0 && e.consecutive_failures % max_consecutive == 0 {
+                    let reason = format!(
+                        "{max_consecutive} consecutive failures; last: {} ({})",
+                        f.kind.as_str(),
+                        truncate(&f.message, 200)
+                    );
+                    if let Ok(mut d) = self.disable.lock() {
+                        d.push(DisableRequest { tenant, plugin, reason });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the pending disable requests.
+    pub fn take_disable_requests(&self) -> Vec<DisableRequest> {
+        self.disable.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default()
+    }
+
+    /// Forgets the run of failures (when the plugin is enabled again).
+    pub fn reset_failures(&self, tenant: TenantId, plugin: Uuid) {
+        if let Ok(mut map) = self.inner.lock() {
+            if let Some(e) = map.get_mut(&(tenant, plugin)) {
+                e.consecutive_failures = 0;
+            }
+        }
+    }
+
+    pub fn health(&self, tenant: TenantId, plugin: Uuid) -> PluginHealth {
+        let Ok(map) = self.inner.lock() else { return PluginHealth::default() };
+        let Some(e) = map.get(&(tenant, plugin)) else { return PluginHealth::default() };
+        let mut times: Vec<u32> = e.micros.iter().copied().collect();
+        times.sort_unstable();
+        let pct = |q: f64| (!times.is_empty()).then(|| times[((times.len() - 1) as f64 * q).round() as usize]);
+        PluginHealth {
+            invocations: e.invocations,
+            fired: e.fired,
+            failures: e.failures.clone(),
+            consecutive_failures: e.consecutive_failures,
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+            last_error: e.last_error.clone(),
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}

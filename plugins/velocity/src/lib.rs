@@ -1,0 +1,30 @@
+//! `velocity`: fires when more than `max` events with the same value of a payload field arrive
+//! within `seconds` (e.g. one card used more than 5 times in 10 minutes).
+//!
+//! Config: `{"key": "card_id", "max": 5, "seconds": 600}` (`seconds` up to 3600). Counts are host window counters,
+//! kept per tenant and rule, at event time.
+
+use signalops_sdk::{export_rule, host, Decision, Event, Value};
+
+fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
+    let key = config.get("key").and_then(Value::as_str).ok_or("config.key (a payload field) is required")?;
+    let max = config.get("max").and_then(Value::as_i64).ok_or("config.max (an integer) is required")?;
+    let seconds = match config.get("seconds").and_then(Value::as_i64) {
+        Some(s) if s >= 1 && s <= host::MAX_WINDOW_SECONDS as i64 => s as u32,
+        _ => return Err(format!("config.seconds must be an integer from 1 to {}", host::MAX_WINDOW_SECONDS)),
+    };
+    let value = match event.field(key).and_then(Value::to_key) {
+        Some(v) => v,
+        None => return Ok(Decision::skip()),
+    };
+    let count = host::window_add(&format!("{key}={value}"), seconds, 1).map_err(|e| e.to_string())?;
+    if count <= max {
+        return Ok(Decision::skip());
+    }
+    host::info(&format!("{key}={value}: {count} events in {seconds}s"));
+    Ok(Decision::fire(format!("{count} events with {key} {value} in {seconds}s (max {max})"))
+        .label(key, value)
+        .field("count", count))
+}
+
+export_rule!(evaluate);

@@ -1,0 +1,443 @@
+//! The MessagePack subset plugins exchange with the node: a dynamic [`Value`], an encoder and a
+//! decoder. Small on purpose, so the SDK has no dependencies.
+
+use std::fmt;
+
+/// Maximum nesting the decoder accepts (deeper input is an error, never a stack overflow).
+pub const MAX_DEPTH: usize = 64;
+
+/// A MessagePack value. Maps keep their order and may have non-string keys.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Nil,
+    Bool(bool),
+    /// Every integer that fits an `i64`.
+    Int(i64),
+    /// Integers above `i64::MAX`.
+    UInt(u64),
+    Float(f64),
+    Str(String),
+    Bin(Vec<u8>),
+    Array(Vec<Value>),
+    Map(Vec<(Value, Value)>),
+}
+
+impl Value {
+    /// The member of a map with this string key.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// Follows a dotted path of map keys (`"card.country"`).
+    pub fn path(&self, path: &str) -> Option<&Value> {
+        let mut v = self;
+        for part in path.split('.') {
+            v = v.get(part)?;
+        }
+        Some(v)
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// Integers, and floats with no fractional part that fit.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::UInt(u) => i64::try_from(*u).ok(),
+            Value::Float(f) if f.fract() == 0.0 && *f >= i64::MIN as f64 && *f <= i64::MAX as f64 => Some(*f as i64),
+            _ => None,
+        }
+    }
+
+    /// Any number, as a float.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::UInt(u) => Some(*u as f64),
+            Value::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn as_map(&self) -> Option<&[(Value, Value)]> {
+        match self {
+            Value::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn is_nil(&self) -> bool {
+        matches!(self, Value::Nil)
+    }
+
+    /// A short text form for keys and messages: strings as they are, numbers and booleans
+    /// printed, `None` for nil, arrays and maps.
+    pub fn to_key(&self) -> Option<String> {
+        match self {
+            Value::Str(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            Value::UInt(u) => Some(u.to_string()),
+            Value::Float(f) => Some(f.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Value {
+        Value::Str(s.to_string())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Value {
+        Value::Str(s)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Value {
+        Value::Int(i)
+    }
+}
+impl From<u64> for Value {
+    fn from(u: u64) -> Value {
+        match i64::try_from(u) {
+            Ok(i) => Value::Int(i),
+            Err(_) => Value::UInt(u),
+        }
+    }
+}
+impl From<f64> for Value {
+    fn from(f: f64) -> Value {
+        Value::Float(f)
+    }
+}
+impl From<bool> for Value {
+    fn from(b: bool) -> Value {
+        Value::Bool(b)
+    }
+}
+
+/// Why bytes are not a MessagePack value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The input ended inside a value.
+    Truncated,
+    /// A marker byte this codec does not read (extension types, 0xc1).
+    Unsupported(u8),
+    /// A string is not UTF-8.
+    Utf8,
+    /// Nesting deeper than [`MAX_DEPTH`].
+    TooDeep,
+    /// Bytes left over after the value.
+    Trailing,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Truncated => write!(f, "input ends inside a value"),
+            DecodeError::Unsupported(m) => write!(f, "unsupported MessagePack marker 0x{m:02x}"),
+            DecodeError::Utf8 => write!(f, "string is not UTF-8"),
+            DecodeError::TooDeep => write!(f, "nesting deeper than {MAX_DEPTH}"),
+            DecodeError::Trailing => write!(f, "bytes left after the value"),
+        }
+    }
+}
+
+/// Decodes exactly one value from `bytes`.
+pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    let v = r.value(0)?;
+    if r.pos != bytes.len() {
+        return Err(DecodeError::Trailing);
+    }
+    Ok(v)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn be<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn len(&mut self, bytes: usize) -> Result<usize, DecodeError> {
+        Ok(match bytes {
+            1 => self.u8()? as usize,
+            2 => u16::from_be_bytes(self.be()?) as usize,
+            _ => u32::from_be_bytes(self.be()?) as usize,
+        })
+    }
+
+    fn str(&mut self, len: usize) -> Result<Value, DecodeError> {
+        let b = self.take(len)?;
+        std::str::from_utf8(b).map(|s| Value::Str(s.to_string())).map_err(|_| DecodeError::Utf8)
+    }
+
+    fn array(&mut self, len: usize, depth: usize) -> Result<Value, DecodeError> {
+        // Every element takes at least one byte: a claimed length beyond the input is truncated
+        // input, not a reason to reserve memory.
+        if len > self.buf.len() - self.pos {
+            return Err(DecodeError::Truncated);
+        }
+        let mut out = Vec::with_capacity(len);
+        for _ in 0..len {
+            out.push(self.value(depth + 1)?);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn map(&mut self, len: usize, depth: usize) -> Result<Value, DecodeError> {
+        if len > (self.buf.len() - self.pos) / 2 {
+            return Err(DecodeError::Truncated);
+        }
+        let mut out = Vec::with_capacity(len);
+        for _ in 0..len {
+            let k = self.value(depth + 1)?;
+            let v = self.value(depth + 1)?;
+            out.push((k, v));
+        }
+        Ok(Value::Map(out))
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        let m = self.u8()?;
+        Ok(match m {
+            0x00..=0x7f => Value::Int(m as i64),
+            0x80..=0x8f => return self.map((m & 0x0f) as usize, depth),
+            0x90..=0x9f => return self.array((m & 0x0f) as usize, depth),
+            0xa0..=0xbf => return self.str((m & 0x1f) as usize),
+            0xc0 => Value::Nil,
+            0xc2 => Value::Bool(false),
+            0xc3 => Value::Bool(true),
+            0xc4..=0xc6 => {
+                let n = self.len(1 << (m - 0xc4))?;
+                Value::Bin(self.take(n)?.to_vec())
+            }
+            0xca => Value::Float(f32::from_be_bytes(self.be()?) as f64),
+            0xcb => Value::Float(f64::from_be_bytes(self.be()?)),
+            0xcc => Value::Int(self.u8()? as i64),
+            0xcd => Value::Int(u16::from_be_bytes(self.be()?) as i64),
+            0xce => Value::Int(u32::from_be_bytes(self.be()?) as i64),
+            0xcf => Value::from(u64::from_be_bytes(self.be()?)),
+            0xd0 => Value::Int(self.u8()? as i8 as i64),
+            0xd1 => Value::Int(i16::from_be_bytes(self.be()?) as i64),
+            0xd2 => Value::Int(i32::from_be_bytes(self.be()?) as i64),
+            0xd3 => Value::Int(i64::from_be_bytes(self.be()?)),
+            0xd9..=0xdb => {
+                let n = self.len(1 << (m - 0xd9))?;
+                return self.str(n);
+            }
+            0xdc | 0xdd => {
+                let n = self.len(if m == 0xdc { 2 } else { 4 })?;
+                return self.array(n, depth);
+            }
+            0xde | 0xdf => {
+                let n = self.len(if m == 0xde { 2 } else { 4 })?;
+                return self.map(n, depth);
+            }
+            0xe0..=0xff => Value::Int(m as i8 as i64),
+            other => return Err(DecodeError::Unsupported(other)),
+        })
+    }
+}
+
+/// Encodes a value in the shortest form MessagePack allows.
+pub fn encode(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Nil => out.push(0xc0),
+        Value::Bool(false) => out.push(0xc2),
+        Value::Bool(true) => out.push(0xc3),
+        Value::Int(i) => encode_int(*i, out),
+        Value::UInt(u) => match i64::try_from(*u) {
+            Ok(i) => encode_int(i, out),
+            Err(_) => {
+                out.push(0xcf);
+                out.extend_from_slice(&u.to_be_bytes());
+            }
+        },
+        Value::Float(f) => {
+            out.push(0xcb);
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        Value::Str(s) => encode_str(s, out),
+        Value::Bin(b) => {
+            header(out, b.len(), None, [0xc4, 0xc5, 0xc6]);
+            out.extend_from_slice(b);
+        }
+        Value::Array(a) => {
+            header(out, a.len(), Some(0x90), [0xdc, 0xdc, 0xdd]);
+            for x in a {
+                encode(x, out);
+            }
+        }
+        Value::Map(m) => {
+            header(out, m.len(), Some(0x80), [0xde, 0xde, 0xdf]);
+            for (k, x) in m {
+                encode(k, out);
+                encode(x, out);
+            }
+        }
+    }
+}
+
+/// Encodes a string.
+pub fn encode_str(s: &str, out: &mut Vec<u8>) {
+    if s.len() < 32 {
+        out.push(0xa0 | s.len() as u8);
+    } else {
+        header(out, s.len(), None, [0xd9, 0xda, 0xdb]);
+    }
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn encode_int(i: i64, out: &mut Vec<u8>) {
+    if (0..=0x7f).contains(&i) {
+        out.push(i as u8);
+    } else if (-32..0).contains(&i) {
+        out.push(i as i8 as u8);
+    } else if i >= 0 {
+        if i <= u8::MAX as i64 {
+            out.push(0xcc);
+            out.push(i as u8);
+        } else if i <= u16::MAX as i64 {
+            out.push(0xcd);
+            out.extend_from_slice(&(i as u16).to_be_bytes());
+        } else if i <= u32::MAX as i64 {
+            out.push(0xce);
+            out.extend_from_slice(&(i as u32).to_be_bytes());
+        } else {
+            out.push(0xcf);
+            out.extend_from_slice(&(i as u64).to_be_bytes());
+        }
+    } else if i >= i8::MIN as i64 {
+        out.push(0xd0);
+        out.push(i as i8 as u8);
+    } else if i >= i16::MIN as i64 {
+        out.push(0xd1);
+        out.extend_from_slice(&(i as i16).to_be_bytes());
+    } else if i >= i32::MIN as i64 {
+        out.push(0xd2);
+        out.extend_from_slice(&(i as i32).to_be_bytes());
+    } else {
+        out.push(0xd3);
+        out.extend_from_slice(&i.to_be_bytes());
+    }
+}
+
+/// Writes a length header: the fix form when `fix` is given and `len < 16`, else the 8-, 16- or
+/// 32-bit form from `markers` (the 8-bit one is not used for arrays and maps, which have none).
+fn header(out: &mut Vec<u8>, len: usize, fix: Option<u8>, markers: [u8; 3]) {
+    match fix {
+        Some(f) if len < 16 => out.push(f | len as u8),
+        _ if fix.is_none() && len <= u8::MAX as usize => {
+            out.push(markers[0]);
+            out.push(len as u8);
+        }
+        _ if len <= u16::MAX as usize => {
+            out.push(markers[1]);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(markers[2]);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(v: Value) {
+        let mut b = Vec::new();
+        encode(&v, &mut b);
+        assert_eq!(decode(&b), Ok(v));
+    }
+
+    #[test]
+    fn round_trips_every_kind_and_size() {
+        for i in [0, 1, 127, 128, 255, 256, 65_535, 65_536, 4_294_967_295, 4_294_967_296, i64::MAX] {
+            round(Value::Int(i));
+            round(Value::Int(-i));
+        }
+        round(Value::Int(i64::MIN));
+        round(Value::UInt(u64::MAX));
+        round(Value::Float(-1.5));
+        round(Value::Nil);
+        round(Value::Bool(true));
+        for n in [0, 31, 32, 255, 256, 70_000] {
+            round(Value::Str("x".repeat(n)));
+            round(Value::Bin(vec![7; n]));
+            round(Value::Array(vec![Value::Int(1); n.min(20_000)]));
+            round(Value::Map((0..n.min(20_000)).map(|i| (Value::Int(i as i64), Value::Nil)).collect()));
+        }
+    }
+
+    #[test]
+    fn encodes_the_shortest_forms() {
+        let mut b = Vec::new();
+        encode(&Value::Map(vec![(Value::from("a"), Value::Int(-1))]), &mut b);
+        assert_eq!(b, [0x81, 0xa1, b'a', 0xff]);
+    }
+
+    #[test]
+    fn rejects_bad_input_without_panicking() {
+        assert_eq!(decode(&[0xdd, 0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated));
+        assert_eq!(decode(&[0xa3, b'a']), Err(DecodeError::Truncated));
+        assert_eq!(decode(&[0xc1]), Err(DecodeError::Unsupported(0xc1)));
+        assert_eq!(decode(&[0xa1, 0xff]), Err(DecodeError::Utf8));
+        assert_eq!(decode(&[0xc0, 0xc0]), Err(DecodeError::Trailing));
+        assert_eq!(decode(&[0x91; 100]), Err(DecodeError::TooDeep));
+    }
+
+    #[test]
+    fn paths_and_numbers() {
+        let v = Value::Map(vec![(Value::from("card"), Value::Map(vec![(Value::from("n"), Value::Float(3.0))]))]);
+        assert_eq!(v.path("card.n").and_then(Value::as_i64), Some(3));
+        assert_eq!(v.path("card.n").and_then(Value::as_f64), Some(3.0));
+        assert_eq!(v.path("card.x"), None);
+    }
+}
