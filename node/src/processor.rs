@@ -377,6 +377,10 @@ async fn evaluate(
         if let Some(fresh) = fresh {
             // Modules are compiled before the rules that use them are evaluated.
             crate::plugins::store::prepare(&owners.plugins.runtime, &owners.plugins.modules, &fresh).await;
+            if let Some(p) = engine.plugins_mut() {
+                // Instances of modules no rule uses any more go.
+                p.host.retain(|tenant, digest| fresh.uses_module(tenant, digest));
+            }
             rules = Arc::new(fresh);
         }
         let checkpoint = last_checkpoint.elapsed() >= interval

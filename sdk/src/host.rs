@@ -70,8 +70,8 @@ pub fn now_ms() -> i64 {
     imp::now_ms()
 }
 
-/// Adds `delta` to the sliding-window counter `key` at the event's time, and returns the
-/// counter's sum over the last `seconds` seconds (including this addition).
+/// Adds `delta` (zero or more) to the sliding-window counter `key` at the event's time, and
+/// returns the counter's sum over the last `seconds` seconds (including this addition).
 pub fn window_add(key: &str, seconds: u32, delta: i64) -> Result<i64, HostError> {
     status(imp::window_add(key.as_bytes(), seconds as i32, delta))
 }
@@ -196,7 +196,7 @@ mod imp {
     }
 
     pub fn window_add(key: &[u8], seconds: i32, delta: i64) -> i64 {
-        if !valid(key, seconds) {
+        if !valid(key, seconds) || delta < 0 {
             return -1;
         }
         EMU.with(|e| {

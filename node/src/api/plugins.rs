@@ -123,7 +123,9 @@ struct Upload {
 }
 
 fn too_large(max: usize) -> ApiError {
-    ApiError::new(ErrorKind::PayloadTooLarge, format!("the module is larger than {max} bytes")).with_field("module")
+    ApiError::new(ErrorKind::PayloadTooLarge, format!("the module is larger than {max} bytes"))
+        .with_field("module")
+        .with_extra(json!({ "reason": "module_too_large" }))
 }
 
 /// Reads an upload: a raw module (`application/wasm` or `application/octet-stream`, name and

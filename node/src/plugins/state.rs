@@ -105,7 +105,8 @@ impl PluginState {
     }
 
     pub fn window_add(&mut self, key: &[u8], now_ms: i64, seconds: i64, delta: i64, limits: StateLimits) -> i64 {
-        if key.len() > MAX_KEY_BYTES || !(1..=MAX_WINDOW_SECONDS).contains(&seconds) {
+        // Counters only grow (sums are never negative, so they cannot be mistaken for errors).
+        if key.len() > MAX_KEY_BYTES || !(1..=MAX_WINDOW_SECONDS).contains(&seconds) || delta < 0 {
             return ERR_INVALID;
         }
         let sec = now_ms.div_euclid(1000);
@@ -260,6 +261,7 @@ mod tests {
         assert_eq!(s.window_sum(b"card", 20_000, 10), 2);
         assert_eq!(s.window_sum(b"card", 26_000, 10), 0);
         assert_eq!(s.window_add(b"card", 0, 0, 1, L), ERR_INVALID);
+        assert_eq!(s.window_add(b"card", 0, 10, -1, L), ERR_INVALID);
         assert_eq!(s.window_add(&[0; 257], 0, 1, 1, L), ERR_INVALID);
         s.commit();
         s.expire(30_000);

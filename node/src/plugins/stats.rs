@@ -22,8 +22,11 @@ pub struct LastError {
     pub at_ms: i64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Entry {
+    /// Metric handles, registered once per (tenant, plugin) rather than per call.
+    calls: metrics::Counter,
+    duration: metrics::Histogram,
     invocations: u64,
     fired: u64,
     failures: BTreeMap<FailureKind, u64>,
@@ -62,12 +65,22 @@ impl PluginStatsRegistry {
     /// Records one call; asks for the plugin to be disabled when its run of failures reaches
     /// `max_consecutive`.
     pub fn record(&self, tenant: TenantId, plugin: Uuid, r: &CallReport, at_ms: i64, max_consecutive: u32) {
-        let (t, p) = (tenant.to_string(), plugin.to_string());
-        metrics::counter!(telemetry::PLUGIN_CALLS, "tenant_id" => t.clone(), "plugin_id" => p.clone()).increment(1);
-        metrics::histogram!(telemetry::PLUGIN_CALL_DURATION, "tenant_id" => t.clone(), "plugin_id" => p.clone())
-            .record(r.micros as f64 / 1e6);
         let Ok(mut map) = self.inner.lock() else { return };
-        let e = map.entry((tenant, plugin)).or_default();
+        let e = map.entry((tenant, plugin)).or_insert_with(|| {
+            let (t, p) = (tenant.to_string(), plugin.to_string());
+            Entry {
+                calls: metrics::counter!(telemetry::PLUGIN_CALLS, "tenant_id" => t.clone(), "plugin_id" => p.clone()),
+                duration: metrics::histogram!(telemetry::PLUGIN_CALL_DURATION, "tenant_id" => t, "plugin_id" => p),
+                invocations: 0,
+                fired: 0,
+                failures: BTreeMap::new(),
+                consecutive_failures: 0,
+                last_error: None,
+                micros: VecDeque::new(),
+            }
+        });
+        e.calls.increment(1);
+        e.duration.record(r.micros as f64 / 1e6);
         e.invocations += 1;
         if e.micros.len() == TIMES_KEPT {
             e.micros.pop_front();
@@ -79,8 +92,9 @@ impl PluginStatsRegistry {
                 e.fired += d.fire as u64;
             }
             Outcome::Failure(f) => {
-                metrics::counter!(telemetry::PLUGIN_FAILURES, "tenant_id" => t, "plugin_id" => p, "kind" => f.kind.as_str())
-                    .increment(1);
+                metrics::counter!(telemetry::PLUGIN_FAILURES, "tenant_id" => tenant.to_string(),
+                    "plugin_id" => plugin.to_string(), "kind" => f.kind.as_str())
+                .increment(1);
                 *e.failures.entry(f.kind).or_default() += 1;
                 e.consecutive_failures += 1;
                 e.last_error = Some(LastError { kind: f.kind, message: f.message.clone(), at_ms });

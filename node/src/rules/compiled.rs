@@ -216,3 +216,12 @@ pub struct RuleSet {
     pub revision: u64,
     pub tenants: HashMap<TenantId, Arc<TenantRules>>,
 }
+
+impl RuleSet {
+    /// Whether a rule of `tenant` calls the module with this digest.
+    pub fn uses_module(&self, tenant: &TenantId, digest: &Digest) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|t| t.rules.iter().any(|r| matches!(&r.kind, RuleKind::Plugin(b) if b.digest == *digest)))
+    }
+}

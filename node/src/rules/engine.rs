@@ -244,7 +244,8 @@ impl Engine {
         }
     }
 
-    /// Lets the engine run plugin rules (without, their calls fail as `unavailable`).
+    /// Lets the engine run plugin rules (without, plugin rules never fire and nothing is
+    /// recorded; dry-runs of declarative rules need none).
     pub fn set_plugins(&mut self, plugins: EnginePlugins) {
         self.plugins = Some(plugins);
     }

@@ -364,3 +364,81 @@ async fn plugins_are_tested_in_place_and_stay_within_their_tenant() {
     let (_, mine) = api.get("/v1/plugins").await;
     assert_eq!(mine["plugins"].as_array().unwrap().len(), 2);
 }
+
+/// Plugin state is part of the engine's checkpoint: an engine restored from it keeps the
+/// values `first-seen` saw and the counts `velocity` made, and does not fire again for them.
+#[test]
+fn plugin_state_survives_a_checkpoint_and_restore() {
+    use signalops::plugins::registry::{PluginKind, PluginRecord, PluginVersion};
+    use signalops::rules::compiled::{Plugins, Rule, RuleSet, TenantRules};
+    use signalops::rules::engine::{Engine, EngineConfig, EnginePlugins, Input};
+    use signalops::rules::spec::{parse_rule, RuleLimits};
+    use std::collections::BTreeMap;
+
+    let rt = Arc::new(PluginRuntime::new(&small_limits()).unwrap());
+    let tenant = Uuid::now_v7();
+    let mut plugins = Plugins::new();
+    for (i, name) in ["first-seen", "velocity"].iter().enumerate() {
+        let v = rt.compile(&built(name)).unwrap();
+        let sha = signalops::plugins::runtime::digest_hex(&v.digest);
+        let id = Uuid::from_u128(i as u128 + 1);
+        let version = PluginVersion { version: sha[..16].into(), sha256: sha, size: 0, uploaded_at_ms: 0 };
+        let record = PluginRecord {
+            id,
+            tenant_id: tenant,
+            name: name.to_string(),
+            kind: PluginKind::Rule,
+            versions: vec![version],
+            created_at_ms: 0,
+            disabled: None,
+        };
+        plugins.insert(id, record);
+    }
+    let mut versions = BTreeMap::new();
+    for (i, r) in [
+        json!({"name": "new country", "event_types": ["login"], "plugin": {"id": "first-seen", "config": {"field": "country"}}}),
+        json!({"name": "busy", "event_types": ["login"], "group_by": ["payload.country"],
+               "plugin": {"id": "velocity", "config": {"key": "country", "max": 2, "seconds": 600}}}),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let spec = parse_rule(r, &RuleLimits::default()).unwrap();
+        let id = Uuid::from_u128(100 + i as u128);
+        versions.insert(id, vec![Rule { id, tenant_id: tenant, version: 1, spec, created_at_ms: 0, updated_at_ms: 0 }]);
+    }
+    let rules = TenantRules::build(&versions, &plugins, tenant, Vec::new());
+    assert_eq!(rules.rules.len(), 2);
+    let set = RuleSet { revision: 1, tenants: [(tenant, Arc::new(rules))].into_iter().collect() };
+    let with_plugins = |mut e: Engine| {
+        e.set_plugins(EnginePlugins {
+            host: PluginHost::new(rt.clone()),
+            stats: None,
+            max_consecutive_failures: u32::MAX,
+            reports: None,
+        });
+        e
+    };
+    let login = |country: &str, seq: u64| {
+        let mut ev = event(json!({"country": country}), 1_800_000_000_000 + seq as i64 * 1000);
+        ev.tenant_id = tenant;
+        ev.event_type = "login".into();
+        ev
+    };
+    let mut engine = with_plugins(Engine::new(0, EngineConfig::default()));
+    let mut fired = Vec::new();
+    for (seq, c) in [(1, "DE"), (2, "FR"), (3, "DE")] {
+        engine.process(Input::Event { seq, record: &login(c, seq) }, &set);
+    }
+    let effects = engine.take_effects(true);
+    fired.extend(effects.alerts.iter().map(|a| a.rule_name.clone()));
+    assert_eq!(fired, ["new country", "new country"]);
+    let cp = effects.checkpoint.unwrap();
+    assert!(cp.puts.iter().any(|(k, _)| k.group.as_deref().is_some_and(|g| g.starts_with('\0'))), "plugin entries");
+
+    // Restore from what the checkpoint wrote: DE and FR are known, DE already counted twice.
+    let mut restored = with_plugins(Engine::restore(0, EngineConfig::default(), effects.meta, cp.puts).unwrap());
+    restored.process(Input::Event { seq: 4, record: &login("DE", 4) }, &set);
+    let after: Vec<String> = restored.take_effects(false).alerts.iter().map(|a| a.rule_name.clone()).collect();
+    assert_eq!(after, ["busy"], "DE is not new; its third login within 600 s trips velocity");
+}

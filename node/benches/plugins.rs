@@ -1,0 +1,282 @@
+//! Plugin benchmark: what a WASM plugin rule costs per event next to the declarative rule that
+//! decides the same thing, through one partition's engine on one core; the throughput of a
+//! partition with one plugin rule; and a noisy neighbour (tenant A's plugin burning all its
+//! fuel on every event in one partition while tenant B's events go through another).
+//!
+//! Needs the example plugins: run `plugins/build.sh` first.
+//! Run: `cargo bench -p signalops-node --bench plugins` (env: BENCH_EVENTS, BENCH_NOISY_SECS).
+//! Prints figures; asserts nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use signalops::config::PluginsConfig;
+use signalops::model::{EncodedEvent, EventRecord, LogPosition};
+use signalops::plugins::registry::{PluginKind, PluginRecord, PluginVersion};
+use signalops::plugins::runtime::digest_hex;
+use signalops::plugins::{PluginHost, PluginRuntime, PluginStatsRegistry};
+use signalops::rules::compiled::{Plugins, Rule, RuleSet, TenantRules};
+use signalops::rules::engine::{Engine, EngineConfig, EnginePlugins, Input};
+use signalops::rules::spec::{parse_rule, RuleLimits};
+use uuid::Uuid;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn module(name: &str) -> Vec<u8> {
+    let path = format!("{}/../plugins/out/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}; run plugins/build.sh first"))
+}
+
+fn wat_module(name: &str) -> Vec<u8> {
+    wat::parse_file(format!("{}/tests/fixtures/wat/{name}.wat", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// Compiles modules into the runtime and records them as the tenant's plugins.
+fn register(rt: &PluginRuntime, tenant: Uuid, modules: &[(&str, Vec<u8>)]) -> Plugins {
+    let mut plugins = Plugins::new();
+    for (i, (name, bytes)) in modules.iter().enumerate() {
+        let v = rt.compile(bytes).unwrap();
+        let sha = digest_hex(&v.digest);
+        let id = Uuid::from_u128(((tenant.as_u128() as u64 as u128) << 16) + i as u128);
+        plugins.insert(
+            id,
+            PluginRecord {
+                id,
+                tenant_id: tenant,
+                name: name.to_string(),
+                kind: PluginKind::Rule,
+                versions: vec![PluginVersion { version: sha[..16].into(), sha256: sha, size: 0, uploaded_at_ms: 0 }],
+                created_at_ms: 0,
+                disabled: None,
+            },
+        );
+    }
+    plugins
+}
+
+fn tenant_rules(tenant: Uuid, rules: &[Value], plugins: &Plugins) -> TenantRules {
+    let mut versions = BTreeMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        let spec = parse_rule(r, &RuleLimits::default()).unwrap();
+        let id = Uuid::from_u128(tenant.as_u128() ^ (1_000 + i as u128));
+        versions.insert(id, vec![Rule { id, tenant_id: tenant, version: 1, spec, created_at_ms: 0, updated_at_ms: 0 }]);
+    }
+    let tr = TenantRules::build(&versions, plugins, tenant, Vec::new());
+    assert_eq!(tr.rules.len(), rules.len());
+    tr
+}
+
+fn set_of(tenants: Vec<(Uuid, TenantRules)>) -> RuleSet {
+    RuleSet { revision: 1, tenants: tenants.into_iter().map(|(t, r)| (t, Arc::new(r))).collect() }
+}
+
+fn events(tenant: Uuid, n: usize, first_seq: u64) -> Vec<EncodedEvent> {
+    let start = 1_800_000_000_000i64;
+    (0..n)
+        .map(|i| {
+            let t = start + (i as i64) / 20;
+            let record = EventRecord {
+                id: format!("evt-{i}"),
+                tenant_id: tenant,
+                event_type: "payment.failed".into(),
+                payload: json!({"amount": (i % 200) as f64 + 0.5, "currency": if i % 3 == 0 { "USD" } else { "EUR" },
+                                "card": format!("4242-{}", i % 1000), "merchant": format!("m-{}", i % 97)})
+                .as_object()
+                .cloned()
+                .unwrap(),
+                source: Some("bench".into()),
+                user_id: None,
+                session_id: None,
+                occurred_at_ms: t,
+                received_at_ms: t,
+                idempotency_key: None,
+            };
+            EncodedEvent::from_record(&record, LogPosition { partition: 0, sequence: first_seq + i as u64 }).unwrap()
+        })
+        .collect()
+}
+
+fn engine(partition: u32, rt: &Arc<PluginRuntime>) -> Engine {
+    let mut e = Engine::new(partition, EngineConfig { max_groups_per_rule: 100_000, ..Default::default() });
+    e.set_plugins(EnginePlugins {
+        host: PluginHost::new(rt.clone()),
+        stats: Some(PluginStatsRegistry::default()),
+        max_consecutive_failures: u32::MAX,
+        reports: None,
+    });
+    e
+}
+
+/// Seconds to process `events` in batches of 500, and the alerts fired.
+fn run(rt: &Arc<PluginRuntime>, events: &[EncodedEvent], set: &RuleSet) -> (f64, usize) {
+    let mut e = engine(0, rt);
+    let mut alerts = 0;
+    let started = Instant::now();
+    for (i, ev) in events.iter().enumerate() {
+        let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
+        e.process(Input::Event { seq: ev.position.sequence, record: &record }, set);
+        if (i + 1) % 500 == 0 {
+            alerts += e.take_effects((i + 1) % 20_000 == 0).alerts.len();
+        }
+    }
+    alerts += e.take_effects(true).alerts.len();
+    (started.elapsed().as_secs_f64(), alerts)
+}
+
+fn best_of(rt: &Arc<PluginRuntime>, events: &[EncodedEvent], set: &RuleSet) -> (f64, usize) {
+    (0..3).map(|_| run(rt, events, set)).min_by(|a, b| a.0.total_cmp(&b.0)).unwrap()
+}
+
+fn main() {
+    let n = env("BENCH_EVENTS", 100_000);
+    let rt = Arc::new(PluginRuntime::new(&PluginsConfig::default()).unwrap());
+    let tenant = Uuid::now_v7();
+    let plugins = register(&rt, tenant, &[("high-value", module("high-value")), ("velocity", module("velocity"))]);
+    let evs = events(tenant, n, 1);
+
+    let pairs = [
+        (
+            "threshold (high-value)",
+            json!({"name": "d", "event_types": ["payment.failed"], "group_by": ["payload.card"], "cooldown_seconds": 600,
+                   "filter": {"field": "payload.amount", "op": "gte", "value": 150}}),
+            json!({"name": "p", "event_types": ["payment.failed"], "group_by": ["payload.card"], "cooldown_seconds": 600,
+                   "plugin": {"id": "high-value", "config": {"threshold": 150}}}),
+        ),
+        (
+            "velocity (window count)",
+            json!({"name": "d", "event_types": ["payment.failed"], "group_by": ["payload.card"], "cooldown_seconds": 600,
+                   "window": {"seconds": 600, "aggregate": "count", "op": "gt", "threshold": 5}}),
+            json!({"name": "p", "event_types": ["payment.failed"], "group_by": ["payload.card"], "cooldown_seconds": 600,
+                   "plugin": {"id": "velocity", "config": {"key": "card", "max": 5, "seconds": 600}}}),
+        ),
+    ];
+    println!("plugin rules vs declarative rules, one partition, one core: {n} events, 1000 cards");
+    let (base, _) = best_of(&rt, &evs, &set_of(vec![(tenant, tenant_rules(tenant, &[], &plugins))]));
+    let base_us = base * 1e6 / n as f64;
+    println!("baseline (no rules): {:.2} µs/event", base_us);
+    println!(
+        "{:<24} {:>12} {:>12} {:>10} {:>10} {:>8} {:>14}",
+        "rule", "decl µs/ev", "plugin µs/ev", "decl al.", "plug al.", "ratio", "plugin ev/s"
+    );
+    for (name, decl, plug) in &pairs {
+        let (d, d_alerts) =
+            best_of(&rt, &evs, &set_of(vec![(tenant, tenant_rules(tenant, std::slice::from_ref(decl), &plugins))]));
+        let (p, p_alerts) =
+            best_of(&rt, &evs, &set_of(vec![(tenant, tenant_rules(tenant, std::slice::from_ref(plug), &plugins))]));
+        let (d_us, p_us) = (d * 1e6 / n as f64 - base_us, p * 1e6 / n as f64 - base_us);
+        println!(
+            "{:<24} {:>12.2} {:>12.2} {:>10} {:>10} {:>7.2}x {:>14.0}",
+            name,
+            d_us,
+            p_us,
+            d_alerts,
+            p_alerts,
+            p_us / d_us,
+            n as f64 / p
+        );
+    }
+    println!("(µs/ev: the rule's own cost, baseline subtracted; ev/s: whole partition with that one rule)");
+
+    if env("BENCH_NOISY_SECS", 5) > 0 {
+        noisy_neighbour(&rt);
+    }
+}
+
+/// Tenant B (one declarative and one plugin rule) in partition 1, with and without tenant A's
+/// spinning plugin in partition 0 running flat out on another thread. Reports B's per-batch
+/// processing time percentiles (batches of 100 events, paced like a live partition).
+fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
+    let secs = env("BENCH_NOISY_SECS", 5) as u64;
+    let a = Uuid::now_v7();
+    let b = Uuid::now_v7();
+    let a_plugins = register(rt, a, &[("spin", wat_module("spin"))]);
+    let b_plugins = register(rt, b, &[("high-value", module("high-value"))]);
+    let a_set = set_of(vec![(
+        a,
+        tenant_rules(
+            a,
+            &[json!({"name": "burn", "event_types": ["*"], "plugin": {"id": "spin", "config": {}}})],
+            &a_plugins,
+        ),
+    )]);
+    let b_rules = [
+        json!({"name": "w", "event_types": ["payment.*"], "group_by": ["payload.card"],
+               "window": {"seconds": 60, "aggregate": "count", "op": "gt", "threshold": 50}}),
+        json!({"name": "p", "event_types": ["payment.*"], "group_by": ["payload.card"], "cooldown_seconds": 600,
+               "plugin": {"id": "high-value", "config": {"threshold": 150}}}),
+    ];
+    let b_set = set_of(vec![(b, tenant_rules(b, &b_rules, &b_plugins))]);
+    // Enough for `secs` at the pace below.
+    let b_events = events(b, 50_000 * secs as usize + 1_000, 1);
+
+    let measure = |noisy: bool| -> (Vec<f64>, u64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let burner = noisy.then(|| {
+            let (rt, stop, set) = (rt.clone(), stop.clone(), a_set.clone());
+            std::thread::spawn(move || {
+                let evs = events(a, 1000, 1);
+                let mut e = engine(0, &rt);
+                let mut calls = 0u64;
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for ev in &evs {
+                        seq += 1;
+                        let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
+                        e.process(Input::Event { seq, record: &record }, &set);
+                        calls += 1;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                    e.take_effects(false);
+                }
+                calls
+            })
+        });
+        let mut e = engine(1, rt);
+        let mut times = Vec::new();
+        let started = Instant::now();
+        let mut next = 0usize;
+        while started.elapsed() < Duration::from_secs(secs) && next + 100 <= b_events.len() {
+            let t0 = Instant::now();
+            for ev in &b_events[next..next + 100] {
+                let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
+                e.process(Input::Event { seq: ev.position.sequence, record: &record }, &b_set);
+            }
+            e.take_effects(false);
+            times.push(t0.elapsed().as_secs_f64() * 1e6);
+            next += 100;
+            // Paced: a batch every 2 ms (50k events/s), as a partition under steady load.
+            std::thread::sleep(Duration::from_millis(2).saturating_sub(t0.elapsed()));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let burned = burner.map(|h| h.join().unwrap()).unwrap_or(0);
+        times.sort_by(f64::total_cmp);
+        (times, burned)
+    };
+    let pct = |t: &[f64], q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+    println!();
+    println!("noisy neighbour: tenant B's 100-event batches (partition 1), {secs} s each, µs");
+    println!("{:<34} {:>8} {:>8} {:>8} {:>12}", "", "p50", "p99", "batches", "A's calls");
+    let (quiet, _) = measure(false);
+    println!("{:<34} {:>8.0} {:>8.0} {:>8} {:>12}", "A idle", pct(&quiet, 0.5), pct(&quiet, 0.99), quiet.len(), 0);
+    let (noisy, burned) = measure(true);
+    println!(
+        "{:<34} {:>8.0} {:>8.0} {:>8} {:>12}",
+        "A's plugin spinning (fuel each call)",
+        pct(&noisy, 0.5),
+        pct(&noisy, 0.99),
+        noisy.len(),
+        burned
+    );
+    println!("p99 change: {:+.1}%", (pct(&noisy, 0.99) / pct(&quiet, 0.99) - 1.0) * 100.0);
+}
