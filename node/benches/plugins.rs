@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use signalops::config::PluginsConfig;
-use signalops::model::{EncodedEvent, EventRecord, LogPosition};
+use signalops::model::{EncodedEvent, EventRecord};
 use signalops::plugins::registry::{PluginKind, PluginRecord, PluginVersion};
 use signalops::plugins::runtime::digest_hex;
 use signalops::plugins::{PluginHost, PluginRuntime, PluginStatsRegistry};
@@ -23,6 +23,9 @@ use signalops::rules::compiled::{Plugins, Rule, RuleSet, TenantRules};
 use signalops::rules::engine::{Engine, EngineConfig, EnginePlugins, Input};
 use signalops::rules::spec::{parse_rule, RuleLimits};
 use uuid::Uuid;
+
+mod common;
+use common::payment_events;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -79,32 +82,6 @@ fn set_of(tenants: Vec<(Uuid, TenantRules)>) -> RuleSet {
     RuleSet { revision: 1, tenants: tenants.into_iter().map(|(t, r)| (t, Arc::new(r))).collect() }
 }
 
-fn events(tenant: Uuid, n: usize, first_seq: u64) -> Vec<EncodedEvent> {
-    let start = 1_800_000_000_000i64;
-    (0..n)
-        .map(|i| {
-            let t = start + (i as i64) / 20;
-            let record = EventRecord {
-                id: format!("evt-{i}"),
-                tenant_id: tenant,
-                event_type: "payment.failed".into(),
-                payload: json!({"amount": (i % 200) as f64 + 0.5, "currency": if i % 3 == 0 { "USD" } else { "EUR" },
-                                "card": format!("4242-{}", i % 1000), "merchant": format!("m-{}", i % 97)})
-                .as_object()
-                .cloned()
-                .unwrap(),
-                source: Some("bench".into()),
-                user_id: None,
-                session_id: None,
-                occurred_at_ms: t,
-                received_at_ms: t,
-                idempotency_key: None,
-            };
-            EncodedEvent::from_record(&record, LogPosition { partition: 0, sequence: first_seq + i as u64 }).unwrap()
-        })
-        .collect()
-}
-
 fn engine(partition: u32, rt: &Arc<PluginRuntime>) -> Engine {
     let mut e = Engine::new(partition, EngineConfig { max_groups_per_rule: 100_000, ..Default::default() });
     e.set_plugins(EnginePlugins {
@@ -141,7 +118,7 @@ fn main() {
     let rt = Arc::new(PluginRuntime::new(&PluginsConfig::default()).unwrap());
     let tenant = Uuid::now_v7();
     let plugins = register(&rt, tenant, &[("high-value", module("high-value")), ("velocity", module("velocity"))]);
-    let evs = events(tenant, n, 1);
+    let evs = payment_events(tenant, n, 1000, 1);
 
     let pairs = [
         (
@@ -216,14 +193,14 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
     ];
     let b_set = set_of(vec![(b, tenant_rules(b, &b_rules, &b_plugins))]);
     // Enough for `secs` at the pace below.
-    let b_events = events(b, 50_000 * secs as usize + 1_000, 1);
+    let b_events = payment_events(b, 50_000 * secs as usize + 1_000, 1000, 1);
 
     let measure = |noisy: bool| -> (Vec<f64>, u64) {
         let stop = Arc::new(AtomicBool::new(false));
         let burner = noisy.then(|| {
             let (rt, stop, set) = (rt.clone(), stop.clone(), a_set.clone());
             std::thread::spawn(move || {
-                let evs = events(a, 1000, 1);
+                let evs = payment_events(a, 1000, 1000, 1);
                 let mut e = engine(0, &rt);
                 let mut calls = 0u64;
                 let mut seq = 0u64;

@@ -12,11 +12,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use signalops::model::{EncodedEvent, EventRecord, LogPosition};
+use signalops::model::{EncodedEvent, EventRecord};
 use signalops::rules::compiled::{Rule, RuleSet, TenantRules};
 use signalops::rules::engine::{Engine, EngineConfig, Input};
 use signalops::rules::spec::{parse_rule, RuleLimits};
 use uuid::Uuid;
+
+mod common;
+use common::payment_events;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -57,34 +60,6 @@ fn rule_set(tenant: Uuid, n: usize) -> RuleSet {
     RuleSet { revision: 1, tenants: [(tenant, Arc::new(tr))].into_iter().collect() }
 }
 
-fn events(tenant: Uuid, n: usize, groups: usize) -> Vec<EncodedEvent> {
-    let start = 1_800_000_000_000i64;
-    (0..n)
-        .map(|i| {
-            // 20,000 events per second of event time, in order.
-            let t = start + (i as i64) / 20;
-            let record = EventRecord {
-                id: format!("evt-{i}"),
-                tenant_id: tenant,
-                event_type: "payment.failed".into(),
-                payload: json!({"amount": (i % 200) as f64 + 0.5, "currency": if i % 3 == 0 { "USD" } else { "EUR" },
-                                "card": format!("4242-{}", i % groups), "merchant": format!("m-{}", i % 97),
-                                "attempt": i % 3})
-                .as_object()
-                .cloned()
-                .unwrap(),
-                source: Some("bench".into()),
-                user_id: None,
-                session_id: None,
-                occurred_at_ms: t,
-                received_at_ms: t,
-                idempotency_key: None,
-            };
-            EncodedEvent::from_record(&record, LogPosition { partition: 0, sequence: i as u64 + 1 }).unwrap()
-        })
-        .collect()
-}
-
 fn run(events: &[EncodedEvent], set: &RuleSet) -> (f64, usize) {
     let cfg = EngineConfig { max_groups_per_rule: 100_000, ..Default::default() };
     let mut engine = Engine::new(0, cfg);
@@ -106,7 +81,7 @@ fn main() {
     let n = env("BENCH_EVENTS", 200_000);
     let groups = env("BENCH_GROUPS", 1_000);
     let tenant = Uuid::now_v7();
-    let evs = events(tenant, n, groups);
+    let evs = payment_events(tenant, n, groups, 1);
     println!("rule engine, one partition, one core: {n} events, {groups} cards, 97 merchants");
     println!("{:>6} {:>12} {:>14} {:>16} {:>8}", "rules", "events/s", "µs per event", "µs per rule·ev", "alerts");
     let (base, _) = run(&evs, &rule_set(tenant, 0));
