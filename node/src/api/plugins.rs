@@ -258,14 +258,13 @@ async fn upload(
 }
 
 async fn list(State(state): State<AppState>, AuthTenant(tenant): AuthTenant) -> Result<Response, ApiError> {
-    let records: Vec<PluginRecord> = state.control.read().plugins_of(tenant.id).into_iter().cloned().collect();
-    let views: Vec<Value> = records
-        .iter()
-        .map(|p| {
-            let used_by = state.control.read().rules_using(tenant.id, p);
-            serde_json::to_value(view(&state, p, used_by)).unwrap_or(Value::Null)
-        })
+    let control = state.control.read();
+    let views: Vec<Value> = control
+        .plugins_of(tenant.id)
+        .into_iter()
+        .map(|p| serde_json::to_value(view(&state, p, control.rules_using(tenant.id, p))).unwrap_or(Value::Null))
         .collect();
+    drop(control);
     Ok(Json(json!({ "plugins": views })).into_response())
 }
 

@@ -1021,14 +1021,21 @@ fn call_plugin(
     if let Some(stats) = &p.stats {
         stats.record(ev.tenant_id, binding.plugin_id, &report, clock, p.max_consecutive_failures);
     }
-    let decision = match &report.outcome {
-        Outcome::Decision(d) => Some(d.clone()),
-        Outcome::Failure(_) => None,
-    };
-    if let Some(r) = p.reports.as_mut() {
-        r.push((ev.id.clone(), rule.rule.id, report));
+    match p.reports.as_mut() {
+        // Dry-runs keep the report; the live path moves the decision out without a copy.
+        Some(r) => {
+            let decision = match &report.outcome {
+                Outcome::Decision(d) => Some(d.clone()),
+                Outcome::Failure(_) => None,
+            };
+            r.push((ev.id.clone(), rule.rule.id, report));
+            decision
+        }
+        None => match report.outcome {
+            Outcome::Decision(d) => Some(d),
+            Outcome::Failure(_) => None,
+        },
     }
-    decision
 }
 
 #[cfg(test)]
