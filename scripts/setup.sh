@@ -33,13 +33,23 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+# `--test` (what scripts/test.sh asks for): everything `--guest` installs, plus the real SMTP
+# server the notification tests deliver email to (aiosmtpd, from PyPI).
+mode="${1:-}"
+if [[ "$mode" == "--test" ]]; then
+  if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+    log "installing aiosmtpd from PyPI (the SMTP server of the email tests)"
+    python3 -m pip install --quiet --disable-pip-version-check aiosmtpd
+  fi
+  mode="--guest"
+fi
 # `--guest`: the toolchain that builds WASM plugins (plugins/build.sh): Debian's rustc 1.63 with
 # the wasm32 standard library, Debian's cargo, and wasm-ld.
 guest_ok() {
   [[ -x /usr/bin/rustc && -x /usr/bin/cargo && -d /usr/lib/rustlib/wasm32-unknown-unknown ]] &&
     command -v wasm-ld >/dev/null 2>&1
 }
-if [[ "${1:-}" == "--guest" ]] && ! guest_ok; then
+if [[ "$mode" == "--guest" ]] && ! guest_ok; then
   log "installing the WASM guest toolchain (apt: rustc cargo libstd-rust-dev-wasm32 lld)"
   sudo=""
   [[ $(id -u) -ne 0 ]] && sudo="sudo"

@@ -4,7 +4,7 @@
 # building the example WASM plugins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NATS_SERVER_BIN=$(scripts/setup.sh --guest)
+NATS_SERVER_BIN=$(scripts/setup.sh --test)
 export NATS_SERVER_BIN
 # The example plugins, built to plugins/out/*.wasm with the guest toolchain; host tests load them.
 plugins/build.sh

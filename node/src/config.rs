@@ -28,6 +28,76 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub rules: RulesConfig,
     pub plugins: PluginsConfig,
+    pub notify: NotifyConfig,
+}
+
+/// Notification delivery (channels, the job stream and its workers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Exceptions to the egress guard: host names and CIDRs that webhook, Slack, Telegram and
+    /// plugin requests may reach although they are loopback, private or link-local. Also
+    /// `SIGNALOPS_EGRESS_ALLOW` (comma-separated).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub egress_allow: Vec<String>,
+    /// SMTP server for email channels: `smtp://host:port` (plain, or `?tls=required` for
+    /// STARTTLS) or `smtps://user:pass@host` (TLS). Also `SIGNALOPS_SMTP_URL`.
+    pub smtp_url: Option<String>,
+    /// Sender address of notification emails. Also `SIGNALOPS_SMTP_FROM`.
+    pub smtp_from: Option<String>,
+    /// Telegram Bot API base URL (a channel may set its own).
+    pub telegram_api_base_url: String,
+    /// Channels per tenant.
+    pub max_channels_per_tenant: usize,
+    /// Deliveries a node works on at once, over all channels.
+    pub max_in_flight: usize,
+    /// Deliveries of one channel a node holds (in flight or waiting for the channel's
+    /// concurrency); more are handed back to the stream for a second and taken up later.
+    pub max_queued_per_channel: usize,
+    /// A channel whose deliveries exhausted every retry this many times in a row is disabled.
+    pub disable_after_failed_deliveries: u32,
+    /// How long the previous signing secret stays valid after a rotation, seconds (default).
+    pub secret_rotation_grace_secs: u64,
+    /// JetStream duplicate window of the job stream, seconds.
+    pub duplicate_window_secs: u64,
+    /// How long dead-lettered jobs are kept, seconds.
+    pub dead_letter_max_age_secs: u64,
+    /// How long a job may go without a sign of life from its worker before JetStream offers it
+    /// to another worker (after a node crash), seconds. Workers send progress every third of it.
+    pub ack_wait_secs: u64,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            egress_allow: Vec::new(),
+            smtp_url: None,
+            smtp_from: None,
+            telegram_api_base_url: "https://api.telegram.org".into(),
+            max_channels_per_tenant: 100,
+            max_in_flight: 2048,
+            max_queued_per_channel: 256,
+            disable_after_failed_deliveries: 5,
+            secret_rotation_grace_secs: 24 * 3600,
+            duplicate_window_secs: 600,
+            dead_letter_max_age_secs: 14 * 86_400,
+            ack_wait_secs: 60,
+        }
+    }
+}
+
+/// A list, or one comma-separated string (how environment variables give lists).
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::List(l) => l,
+        Form::One(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,6 +248,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             rules: RulesConfig::default(),
             plugins: PluginsConfig::default(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -226,7 +297,18 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig.merge(Env::prefixed("SIGNALOPS_").split("__"));
+        // The documented short names of notification settings.
+        const SHORT: [(&str, &str); 3] = [
+            ("EGRESS_ALLOW", "notify.egress_allow"),
+            ("SMTP_URL", "notify.smtp_url"),
+            ("SMTP_FROM", "notify.smtp_from"),
+        ];
+        fig = fig.merge(Env::prefixed("SIGNALOPS_").ignore(&SHORT.map(|(k, _)| k)).split("__"));
+        fig = fig.merge(
+            Env::prefixed("SIGNALOPS_")
+                .only(&SHORT.map(|(k, _)| k))
+                .map(|k| SHORT.iter().find(|(s, _)| k == *s).map(|(_, to)| (*to).into()).unwrap_or_else(|| k.into())),
+        );
         let cfg: Config = fig.extract().map_err(Box::new)?;
         Ok(cfg)
     }
@@ -262,6 +344,21 @@ impl Config {
         }
         if self.rules.max_groups_per_rule == 0 || self.rules.max_rules_per_tenant == 0 {
             return bad("rules.max_groups_per_rule and rules.max_rules_per_tenant must be at least 1");
+        }
+        if let Err(e) = crate::notify::egress::EgressPolicy::parse(self.notify.egress_allow.iter().map(String::as_str))
+        {
+            return Err(ConfigError::Invalid(format!("notify.egress_allow: {e}")));
+        }
+        if self.notify.ack_wait_secs < 3 {
+            return bad("notify.ack_wait_secs must be at least 3");
+        }
+        if self.notify.max_in_flight == 0
+            || self.notify.max_queued_per_channel == 0
+            || self.notify.duplicate_window_secs == 0
+        {
+            return bad(
+                "notify.max_in_flight, notify.max_queued_per_channel and notify.duplicate_window_secs must be positive",
+            );
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format must be `text` or `json`");

@@ -31,6 +31,7 @@ pub mod model;
 pub mod nats_ingest;
 pub mod natsd;
 pub mod node;
+pub mod notify;
 pub mod plugins;
 pub mod processor;
 pub mod rules;

@@ -112,11 +112,16 @@ async fn serve(
         stats: crate::plugins::PluginStatsRegistry::default(),
         max_consecutive_failures: cfg.plugins.max_consecutive_failures,
     };
+    let jobs = crate::notify::queue::JobQueue::open(client.clone(), &cfg.notify, cfg.stream.replicas).await?;
+    let notifier =
+        crate::notify::Notifier::new(control.clone(), store.clone(), jobs.clone(), cfg.notify.clone(), &tracker)?;
+    tracker.spawn(notifier.clone().run(tracker.clone(), cancel.clone()));
     let owners = processor::Owners {
         control: control.clone(),
         rules: cfg.rules.clone(),
         stats: rule_stats.clone(),
         plugins: plugins.clone(),
+        notify: Some(jobs),
     };
     processor::spawn_all(&log, store.clone(), owners, &tracker, cancel.clone());
     {
@@ -180,6 +185,8 @@ async fn serve(
         rule_stats,
         plugins,
         plugin_cfg: cfg.plugins.clone(),
+        notifier,
+        notify_cfg: cfg.notify.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, node_id = cfg.node_id, "serving HTTP");
     let http_intake = intake.clone();

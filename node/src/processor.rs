@@ -184,6 +184,9 @@ pub struct Owners {
     pub rules: RulesConfig,
     pub stats: RuleStatsRegistry,
     pub plugins: PluginServices,
+    /// Where alert transitions with actions become notification jobs (none in tools that only
+    /// evaluate).
+    pub notify: Option<crate::notify::queue::JobQueue>,
 }
 
 /// What partition owners need to run plugin rules.
@@ -401,6 +404,9 @@ async fn evaluate(
             metrics::counter!(telemetry::RULE_CHECKPOINTS).increment(1);
             owners.stats.publish(partition, engine.stats());
         }
+        if let Some(queue) = &owners.notify {
+            queue_jobs(queue, &effects, partition).await;
+        }
         let Some(committed) = writer.effects(effects).await else { return Ok(()) };
         if acks.send((committed, batch.last)).await.is_err() {
             anyhow::bail!("partition {partition} acker stopped");
@@ -408,10 +414,37 @@ async fn evaluate(
     }
     let effects = engine.take_effects(true);
     owners.stats.publish(partition, engine.stats());
+    if let Some(queue) = &owners.notify {
+        queue_jobs(queue, &effects, partition).await;
+    }
     if let Some(done) = writer.effects(effects).await {
         let _ = done.await;
     }
     Ok(())
+}
+
+/// Publishes the notification jobs of a run's alert transitions before its effects commit, so
+/// a crash in between re-derives and republishes them (JetStream drops the copies). Retries
+/// until JetStream takes them: the batch is not acked meanwhile.
+async fn queue_jobs(queue: &crate::notify::queue::JobQueue, effects: &PartitionEffects, partition: u32) {
+    let jobs = crate::notify::jobs_from_effects(effects, now_ms());
+    if jobs.is_empty() {
+        return;
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match queue.publish(&jobs).await {
+            Ok(()) => {
+                metrics::counter!(telemetry::NOTIFY_JOBS_QUEUED).increment(jobs.len() as u64);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(partition, jobs = jobs.len(), error = %e, "cannot queue notification jobs; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Feeds one batch to the engine: events the store holds at their position, ticks, and skips.

@@ -46,6 +46,18 @@ pub const PLUGIN_FAILURES: &str = "signalops_plugin_failures_total";
 pub const PLUGIN_CALL_DURATION: &str = "signalops_plugin_call_duration_seconds";
 /// Engine checkpoints written.
 pub const RULE_CHECKPOINTS: &str = "signalops_rule_checkpoints_total";
+/// Notification jobs queued by partition owners.
+pub const NOTIFY_JOBS_QUEUED: &str = "signalops_notify_jobs_queued_total";
+/// Delivery attempts, labels `kind` (webhook|slack|telegram|email) and `outcome` (ok|failed).
+pub const NOTIFY_ATTEMPTS: &str = "signalops_notify_attempts_total";
+/// Finished deliveries, label `status` (delivered|failed).
+pub const NOTIFY_DELIVERIES: &str = "signalops_notify_deliveries_total";
+/// Time of one delivery attempt, label `kind`.
+pub const NOTIFY_ATTEMPT_DURATION: &str = "signalops_notify_attempt_duration_seconds";
+/// Time from an alert's transition being queued to its successful delivery.
+pub const NOTIFY_QUEUE_TO_DELIVERED: &str = "signalops_notify_queue_to_delivered_seconds";
+/// Channels the node disabled (410 Gone or repeated exhausted deliveries).
+pub const NOTIFY_CHANNELS_DISABLED: &str = "signalops_notify_channels_disabled_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

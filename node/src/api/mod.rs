@@ -4,6 +4,8 @@
 
 pub mod admin;
 pub mod alerts;
+pub mod channels;
+pub mod deliveries;
 pub mod events;
 pub mod health;
 pub mod insights;
@@ -38,6 +40,8 @@ pub struct AppState {
     pub rule_stats: crate::processor::RuleStatsRegistry,
     pub plugins: crate::processor::PluginServices,
     pub plugin_cfg: crate::config::PluginsConfig,
+    pub notifier: std::sync::Arc<crate::notify::Notifier>,
+    pub notify_cfg: crate::config::NotifyConfig,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -48,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .merge(alerts::router())
         .merge(insights::router())
         .merge(plugins::router())
+        .merge(channels::router())
+        .merge(deliveries::router())
         .merge(health::router())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

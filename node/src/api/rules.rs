@@ -118,9 +118,17 @@ fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError
 /// Parses a rule definition; a plugin rule's plugin must be one of the tenant's rule plugins.
 fn parse_spec(state: &AppState, tenant: TenantId, body: &Value) -> Result<RuleSpec, ApiError> {
     let spec = parse_rule(body, &RuleLimits::default()).map_err(field_error)?;
+    let view = state.control.read();
     if let Some(r) = &spec.plugin {
-        resolve_plugin(state.control.read().plugins(), tenant, r).map_err(field_error)?;
+        resolve_plugin(view.plugins(), tenant, r).map_err(field_error)?;
     }
+    for (i, action) in spec.actions.iter().enumerate() {
+        let id = action.get("channel_id").and_then(Value::as_str).unwrap_or_default();
+        if Uuid::parse_str(id).ok().and_then(|c| view.channel(tenant, &c)).is_none() {
+            return Err(ApiError::bad_request(format!("actions[{i}].channel_id"), format!("no channel `{id}`")));
+        }
+    }
+    drop(view);
     Ok(spec)
 }
 

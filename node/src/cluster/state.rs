@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::eventlog::partition_of;
 use crate::model::TenantId;
+use crate::notify::channel::{Channel, ChannelSpec, SigningSecret};
 use crate::plugins::registry::{Disabled, PluginKind, PluginRecord, PluginVersion};
 use crate::rules::alert::Silence;
 use crate::rules::compiled::{Rule, RuleSet, TenantRules};
@@ -99,6 +100,36 @@ pub enum Command {
         plugin_id: Uuid,
         disabled: Option<Disabled>,
     },
+    CreateChannel {
+        channel: Box<Channel>,
+        max_channels: usize,
+    },
+    /// Replaces a channel's definition; its secrets and status stay.
+    UpdateChannel {
+        tenant_id: TenantId,
+        channel_id: Uuid,
+        spec: Box<ChannelSpec>,
+        at_ms: i64,
+    },
+    /// Refused while a rule of the tenant delivers to the channel.
+    DeleteChannel {
+        tenant_id: TenantId,
+        channel_id: Uuid,
+    },
+    /// A new current signing secret; the previous one stays valid until `previous_expires_at_ms`.
+    RotateChannelSecret {
+        tenant_id: TenantId,
+        channel_id: Uuid,
+        secret: String,
+        previous_expires_at_ms: i64,
+        at_ms: i64,
+    },
+    /// Disables (with a reason) or re-enables a channel.
+    SetChannelDisabled {
+        tenant_id: TenantId,
+        channel_id: Uuid,
+        disabled: Option<Disabled>,
+    },
 }
 
 /// What applying a command did.
@@ -122,6 +153,11 @@ pub enum CommandResult {
     PluginKindConflict,
     /// Rules that still use the plugin.
     PluginInUse(Vec<Uuid>),
+    ChannelNotFound,
+    ChannelLimit(usize),
+    ChannelNameTaken,
+    /// Rules that still deliver to the channel.
+    ChannelInUse(Vec<Uuid>),
 }
 
 /// The replicated state, serialized whole into snapshots.
@@ -136,6 +172,8 @@ pub struct ControlState {
     pub silences: BTreeMap<Uuid, Silence>,
     #[serde(default)]
     pub plugins: BTreeMap<Uuid, PluginRecord>,
+    #[serde(default)]
+    pub channels: BTreeMap<Uuid, Channel>,
 }
 
 /// The state plus lookup indexes derived from it (rebuilt, never replicated).
@@ -225,6 +263,25 @@ impl ControlView {
         self.rules_of(tenant)
             .into_iter()
             .filter(|r| r.spec.plugin.as_ref().is_some_and(|p| p.id == plugin.name || p.id == plugin.id.to_string()))
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// A tenant's channel, by id.
+    pub fn channel(&self, tenant: TenantId, id: &Uuid) -> Option<&Channel> {
+        self.state.channels.get(id).filter(|c| c.tenant_id == tenant)
+    }
+
+    pub fn channels_of(&self, tenant: TenantId) -> Vec<&Channel> {
+        self.state.channels.values().filter(|c| c.tenant_id == tenant).collect()
+    }
+
+    /// The tenant's rules (current versions) with an action delivering to the channel.
+    pub fn rules_delivering_to(&self, tenant: TenantId, channel: &Uuid) -> Vec<Uuid> {
+        let id = channel.to_string();
+        self.rules_of(tenant)
+            .into_iter()
+            .filter(|r| r.spec.actions.iter().any(|a| a.get("channel_id").and_then(|c| c.as_str()) == Some(&id)))
             .map(|r| r.id)
             .collect()
     }
@@ -386,6 +443,73 @@ impl ControlView {
                 }
                 self.recompile(*tenant_id);
                 CommandResult::Done
+            }
+            Command::CreateChannel { channel, max_channels } => {
+                if !self.state.tenants.contains_key(&channel.tenant_id) {
+                    return CommandResult::TenantNotFound;
+                }
+                let mine = self.channels_of(channel.tenant_id);
+                if mine.iter().any(|c| c.name == channel.name) {
+                    return CommandResult::ChannelNameTaken;
+                }
+                if mine.len() >= *max_channels {
+                    return CommandResult::ChannelLimit(*max_channels);
+                }
+                self.state.channels.insert(channel.id, (**channel).clone());
+                CommandResult::Done
+            }
+            Command::UpdateChannel { tenant_id, channel_id, spec, at_ms } => {
+                let taken = self.channels_of(*tenant_id).iter().any(|c| c.name == spec.name && c.id != *channel_id);
+                match self.state.channels.get_mut(channel_id) {
+                    Some(c) if c.tenant_id == *tenant_id => {
+                        if taken {
+                            return CommandResult::ChannelNameTaken;
+                        }
+                        c.name = spec.name.clone();
+                        c.target = spec.target.clone();
+                        c.delivery = spec.delivery.clone();
+                        c.updated_at_ms = *at_ms;
+                        CommandResult::Done
+                    }
+                    _ => CommandResult::ChannelNotFound,
+                }
+            }
+            Command::DeleteChannel { tenant_id, channel_id } => {
+                if self.channel(*tenant_id, channel_id).is_none() {
+                    return CommandResult::ChannelNotFound;
+                }
+                let users = self.rules_delivering_to(*tenant_id, channel_id);
+                if !users.is_empty() {
+                    return CommandResult::ChannelInUse(users);
+                }
+                self.state.channels.remove(channel_id);
+                CommandResult::Done
+            }
+            Command::RotateChannelSecret { tenant_id, channel_id, secret, previous_expires_at_ms, at_ms } => {
+                match self.state.channels.get_mut(channel_id) {
+                    Some(c) if c.tenant_id == *tenant_id => {
+                        // Only the secret being replaced stays valid, for its grace period.
+                        let previous = c.secrets.first().map(|s| SigningSecret {
+                            secret: s.secret.clone(),
+                            expires_at_ms: Some(*previous_expires_at_ms),
+                        });
+                        c.secrets = std::iter::once(SigningSecret { secret: secret.clone(), expires_at_ms: None })
+                            .chain(previous)
+                            .collect();
+                        c.updated_at_ms = *at_ms;
+                        CommandResult::Done
+                    }
+                    _ => CommandResult::ChannelNotFound,
+                }
+            }
+            Command::SetChannelDisabled { tenant_id, channel_id, disabled } => {
+                match self.state.channels.get_mut(channel_id) {
+                    Some(c) if c.tenant_id == *tenant_id => {
+                        c.disabled = disabled.clone();
+                        CommandResult::Done
+                    }
+                    _ => CommandResult::ChannelNotFound,
+                }
             }
         }
     }

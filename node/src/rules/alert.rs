@@ -30,6 +30,8 @@ pub enum AlertKind {
     Absence,
     /// A rule plugin decided to fire for a matching event.
     Plugin,
+    /// Raised by the node about the tenant's setup (a channel it disabled); `rule_id` is nil.
+    System,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -138,6 +138,24 @@ pub struct CatalogDelta {
     pub entry: CatalogEntry,
 }
 
+/// An alert's lifecycle step that notifications announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    Firing,
+    Resolved,
+}
+
+impl Transition {
+    /// The `type` of the webhook payload.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Transition::Firing => "alert.firing",
+            Transition::Resolved => "alert.resolved",
+        }
+    }
+}
+
 /// Everything one partition's engine commits for a run of log messages.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionEffects {
@@ -145,6 +163,8 @@ pub struct PartitionEffects {
     pub meta: EngineMeta,
     /// Alerts created or changed, in order (a later copy of the same id wins).
     pub alerts: Vec<Alert>,
+    /// Alerts that fired or resolved in this run, in order (their last copy is in `alerts`).
+    pub transitions: Vec<(Uuid, Transition)>,
     pub series: Vec<SeriesDelta>,
     pub catalog: Vec<CatalogDelta>,
     pub checkpoint: Option<StateCheckpoint>,

@@ -32,7 +32,7 @@ use super::alert::{alert_id, Alert, AlertKind, AlertState};
 use super::compiled::{CompiledRule, PluginBinding, RuleKind, RuleSet, TenantRules};
 use super::effects::{
     json_type, CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint,
-    StateKey, MAX_CATALOG_FIELDS,
+    StateKey, Transition, MAX_CATALOG_FIELDS,
 };
 use super::window::{Insert, Window};
 use crate::model::{EventRecord, TenantId};
@@ -179,6 +179,8 @@ struct TenantState {
 #[derive(Default)]
 struct Out {
     alerts: Vec<Alert>,
+    /// Alerts that fired or resolved, in order (what notifications are sent for).
+    transitions: Vec<(Uuid, Transition)>,
     series: FastMap<(TenantId, String, i64), SeriesPoint>,
     catalog: FastMap<(TenantId, String), CatalogEntry>,
     /// Groups whose open alert changed (written at the end of the batch).
@@ -314,10 +316,15 @@ impl Engine {
         }
         self.processed_seq = seq;
         self.since_checkpoint += 1;
+        let announced = self.out.transitions.len();
         match input {
             Input::Event { seq, record } => self.on_event(seq, record, rules),
             Input::Tick { seq, at_ms } => self.on_tick(seq, at_ms, rules),
             Input::Skip { .. } => {}
+        }
+        if seq <= self.committed_seq {
+            // Recovery: these transitions were announced (their jobs queued) before the restart.
+            self.out.transitions.truncate(announced);
         }
     }
 
@@ -458,6 +465,7 @@ impl Engine {
                 clock_ms: self.clock_ms,
             },
             alerts: std::mem::take(&mut out.alerts),
+            transitions: std::mem::take(&mut out.transitions),
             series: out
                 .series
                 .drain()
@@ -655,6 +663,7 @@ fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out:
         if let Some(mut alert) = g.open {
             alert.state = AlertState::Resolved;
             alert.resolved_at_ms = Some(clock);
+            out.transitions.push((alert.id, Transition::Resolved));
             out.alerts.push(alert);
             out.resolved += 1;
         }
@@ -760,6 +769,7 @@ fn on_group_event(
                     if let Some(mut a) = g.open.take() {
                         a.state = AlertState::Resolved;
                         a.resolved_at_ms = Some(t);
+                        out.transitions.push((a.id, Transition::Resolved));
                         if let Some(last) = out.alerts.last_mut().filter(|l| l.id == a.id) {
                             *last = a;
                         }
@@ -814,6 +824,7 @@ fn on_group_event(
                 a.state = AlertState::Resolved;
                 a.resolved_at_ms = Some(ev.received_at_ms);
                 a.event_ids = g.recent.iter().map(|s| s.to_string()).collect();
+                out.transitions.push((a.id, Transition::Resolved));
                 out.alerts.push(a);
                 out.resolved += 1;
             }
@@ -841,6 +852,7 @@ fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, ke
         if let Some(mut a) = g.open.take() {
             a.state = AlertState::Resolved;
             a.resolved_at_ms = Some(last.saturating_add(rule.cooldown_ms));
+            out.transitions.push((a.id, Transition::Resolved));
             out.alerts.push(a);
             out.resolved += 1;
             mark_dirty(out, ctx.tenant, rule.id(), key, g);
@@ -866,6 +878,7 @@ fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: 
         if let Some(mut a) = g.open.take() {
             a.state = AlertState::Resolved;
             a.resolved_at_ms = Some(at);
+            out.transitions.push((a.id, Transition::Resolved));
             out.alerts.push(a);
             out.resolved += 1;
         }
@@ -932,6 +945,7 @@ fn fire(
     g.last_fired_ms = Some(at);
     g.pending_since_ms = None;
     g.open = Some(alert.clone());
+    out.transitions.push((alert.id, Transition::Firing));
     out.alerts.push(alert);
     out.fired += 1;
 }

@@ -459,11 +459,11 @@ pub fn parse_rule(body: &Value, limits: &RuleLimits) -> Result<RuleSpec, FieldEr
 }
 
 /// A member that is present and not `null`.
-fn member<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+pub(crate) fn member<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
     } else {
@@ -471,15 +471,15 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str, FieldError> {
+pub(crate) fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str, FieldError> {
     v.as_str().ok_or_else(|| FieldError::new(path, "must be a string"))
 }
 
-fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, FieldError> {
+pub(crate) fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, FieldError> {
     v.as_object().ok_or_else(|| FieldError::new(path, "must be an object"))
 }
 
-fn array<'a>(v: &'a Value, path: &str, max: usize) -> Result<&'a [Value], FieldError> {
+pub(crate) fn array<'a>(v: &'a Value, path: &str, max: usize) -> Result<&'a [Value], FieldError> {
     let a = v.as_array().ok_or_else(|| FieldError::new(path, "must be an array"))?;
     if a.len() > max {
         return Err(FieldError::new(path, format!("must have at most {max} entries")));
@@ -487,7 +487,7 @@ fn array<'a>(v: &'a Value, path: &str, max: usize) -> Result<&'a [Value], FieldE
     Ok(a)
 }
 
-fn only_members(obj: &Map<String, Value>, path: &str, allowed: &[&str]) -> Result<(), FieldError> {
+pub(crate) fn only_members(obj: &Map<String, Value>, path: &str, allowed: &[&str]) -> Result<(), FieldError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(FieldError::new(join(path, k), format!("unknown member; allowed: {}", allowed.join(", ")))),
         None => Ok(()),
@@ -495,7 +495,7 @@ fn only_members(obj: &Map<String, Value>, path: &str, allowed: &[&str]) -> Resul
 }
 
 /// An optional non-negative integer in `min..=max`; absent is 0.
-fn integer(v: Option<&Value>, path: &str, min: u64, max: u64) -> Result<u64, FieldError> {
+pub(crate) fn integer(v: Option<&Value>, path: &str, min: u64, max: u64) -> Result<u64, FieldError> {
     let Some(v) = v else { return Ok(0) };
     match v.as_u64() {
         Some(n) if (min..=max).contains(&n) => Ok(n),
@@ -634,11 +634,12 @@ fn parse_actions(v: Option<&Value>, limits: &RuleLimits) -> Result<Vec<Value>, F
     for (i, item) in items.iter().enumerate() {
         let path = format!("actions[{i}]");
         let o = object(item, &path)?;
-        let path = join(&path, "channel_id");
-        match member(o, "channel_id").map(|c| string(c, &path)).transpose()? {
+        let channel = join(&path, "channel_id");
+        match member(o, "channel_id").map(|c| string(c, &channel)).transpose()? {
             Some(c) if !c.is_empty() => {}
-            _ => return Err(FieldError::new(path, "required: a non-empty string")),
+            _ => return Err(FieldError::new(channel, "required: a non-empty string")),
         }
+        crate::notify::template::parse_template(member(o, "template"), &join(&path, "template"))?;
     }
     Ok(items.to_vec())
 }
@@ -918,7 +919,9 @@ mod tests {
             rule(json!({"plugin": {"id": "anomaly", "config": {"k": 1}}})),
             rule(json!({"group_by": ["id", "type", "source", "user_id", "payload.a.0.b"]})),
             rule(json!({"cooldown_seconds": 2592000, "severity": "info", "enabled": false})),
-            rule(json!({"labels": {"a:b-c.d_e": ""}, "actions": [{"channel_id": "c", "template": "x"}]})),
+            rule(
+                json!({"labels": {"a:b-c.d_e": ""}, "actions": [{"channel_id": "c", "template": {"title": "{{ alert.rule_name }}"}}]}),
+            ),
             rule(json!({"filter": cond("payload.a", "eq", json!({"x": [1]}))})),
             rule(json!({"filter": cond("payload.a", "ne", Value::Null)})),
             rule(json!({"filter": cond("payload.a", "lt", json!("m"))})),
@@ -1009,6 +1012,11 @@ mod tests {
             (rule(json!({"actions": [{"channel": "c"}]})), "actions[0].channel_id"),
             (rule(json!({"actions": [{"channel_id": ""}]})), "actions[0].channel_id"),
             (rule(json!({"actions": [{"channel_id": "a"}, {"channel_id": 2}]})), "actions[1].channel_id"),
+            (rule(json!({"actions": [{"channel_id": "a", "template": "x"}]})), "actions[0].template"),
+            (
+                rule(json!({"actions": [{"channel_id": "a", "template": {"body": "{% if %}"}}]})),
+                "actions[0].template.body",
+            ),
             (rule(json!({"enabled": "yes"})), "enabled"),
             // Filters.
             (rule(json!({"filter": []})), "filter"),

@@ -8,6 +8,8 @@
 //! - `alerts`:  tenant(16) | alert id(16, time-ordered)    →  alert; `acks` the same key → ack
 //! - `series`:  tenant(16) | len(1) | type | minute(8)      →  count and sums
 //! - `catalog`: tenant(16) | type                           →  catalog entry
+//! - `deliveries`: tenant(16) | delivery id(16, time-ordered)  →  delivery record
+//! - `usage`:   tenant(16) | day(4) | metric                →  count(8)
 //! - `engine`:  partition(4) | ...                          →  rule-engine meta and state
 //!   (see [`super::keys::state_key`]); values are MessagePack.
 //!
@@ -30,10 +32,11 @@ use super::keys::{
     tenant_key, time_prefix, ts, ts_from, type_key, type_prefix,
 };
 use super::{
-    AlertPage, AlertQuery, EngineSnapshot, EventOutcome, EventPage, EventQuery, EventStore, PageCursor, StoreError,
-    WriteSet, MAX_ALERT_SCAN,
+    AlertPage, AlertQuery, DeliveryPage, DeliveryQuery, EngineSnapshot, EventOutcome, EventPage, EventQuery,
+    EventStore, PageCursor, StoreError, UsageDay, WriteSet, MAX_ALERT_SCAN, USAGE_NOTIFICATIONS_SENT,
 };
 use crate::model::{LogPosition, StoredEvent, TenantId};
+use crate::notify::delivery::{DeliveryRecord, DeliveryStatus};
 use crate::rules::alert::{alert_id_floor, Alert, AlertAck};
 use crate::rules::effects::{CatalogEntry, EngineMeta, PartitionEffects, SeriesPoint};
 
@@ -48,6 +51,8 @@ struct Inner {
     series: Keyspace,
     catalog: Keyspace,
     engine: Keyspace,
+    deliveries: Keyspace,
+    usage: Keyspace,
     write: Mutex<()>,
     window_ms: i64,
 }
@@ -76,6 +81,8 @@ impl EmbeddedStore {
             series: ks("series")?,
             catalog: ks("catalog")?,
             engine: ks("engine")?,
+            deliveries: ks("deliveries")?,
+            usage: ks("usage")?,
             db,
             write: Mutex::new(()),
             window_ms: idempotency_window_ms,
@@ -286,6 +293,83 @@ fn query_alerts_sync(s: &Inner, tenant: TenantId, q: AlertQuery) -> Result<Alert
     Ok(page)
 }
 
+fn put_deliveries_sync(s: &Inner, records: Vec<DeliveryRecord>, now_ms: i64) -> Result<(), StoreError> {
+    let _writer = s.write.lock().map_err(|_| StoreError::Corrupt("writer lock poisoned".into()))?;
+    let mut batch = s.db.batch().durability(Some(PersistMode::SyncData));
+    // Usage increments of this commit, and records already written in it (a later copy wins).
+    let mut usage: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut written: HashMap<Vec<u8>, DeliveryStatus> = HashMap::new();
+    for r in &records {
+        let key = alert_key(&r.job.tenant_id, &r.id());
+        let before = match written.get(&key) {
+            Some(st) => Some(*st),
+            None => match s.deliveries.get(&key).map_err(be)? {
+                Some(v) => Some(dec::<DeliveryRecord>(&v, "delivery")?.status),
+                None => None,
+            },
+        };
+        if r.status == DeliveryStatus::Delivered && before != Some(DeliveryStatus::Delivered) {
+            *usage
+                .entry(usage_key(&r.job.tenant_id, now_ms.div_euclid(DAY_MS), USAGE_NOTIFICATIONS_SENT))
+                .or_insert(0) += 1;
+        }
+        written.insert(key.clone(), r.status);
+        batch.insert(&s.deliveries, key, enc(r)?);
+    }
+    for (k, n) in usage {
+        let old = match s.usage.get(&k).map_err(be)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt("usage value".into()))?)
+            }
+            None => 0,
+        };
+        batch.insert(&s.usage, k, (old + n).to_be_bytes());
+    }
+    batch.commit().map_err(be)
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+fn usage_key(tenant: &TenantId, day: i64, metric: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(20 + metric.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.extend_from_slice(&(day.clamp(0, u32::MAX as i64) as u32).to_be_bytes());
+    k.extend_from_slice(metric.as_bytes());
+    k
+}
+
+fn query_deliveries_sync(s: &Inner, tenant: TenantId, q: DeliveryQuery) -> Result<DeliveryPage, StoreError> {
+    let limit = q.limit.max(1);
+    let lower = alert_key(&tenant, &alert_id_floor(q.from_ms.unwrap_or(0)));
+    let mut upper = tenant.as_bytes().to_vec();
+    upper.extend_from_slice(&[0xff; 16]);
+    if let Some(after) = q.after {
+        upper = upper.min(alert_key(&tenant, &after));
+    }
+    let mut page = DeliveryPage::default();
+    if lower >= upper {
+        return Ok(page);
+    }
+    let mut last = None;
+    for (scanned, item) in s.deliveries.range(lower..upper).rev().enumerate() {
+        let (_, v) = item.into_inner().map_err(be)?;
+        if page.deliveries.len() == limit || scanned == MAX_ALERT_SCAN {
+            page.next = last;
+            break;
+        }
+        let r: DeliveryRecord = dec(&v, "delivery")?;
+        last = Some(r.id());
+        if q.channel_id.as_ref().is_some_and(|c| *c != r.job.channel_id)
+            || q.alert_id.is_some_and(|a| a != r.job.alert.id)
+            || q.status.is_some_and(|st| st != r.status)
+        {
+            continue;
+        }
+        page.deliveries.push(r);
+    }
+    Ok(page)
+}
+
 fn get_sync(s: &Inner, tenant: TenantId, id: &str) -> Result<Option<StoredEvent>, StoreError> {
     let Some(at) = s.by_id.get(tenant_key(&tenant, id)).map_err(be)? else { return Ok(None) };
     let ms = ts_from(&at).ok_or_else(|| StoreError::Corrupt("by_id value".into()))?;
@@ -421,6 +505,56 @@ impl EventStore for EmbeddedStore {
             batch.insert(&s.acks, alert_key(&tenant, &id), enc(&ack)?);
             batch.commit().map_err(be)?;
             Ok(Some((alert, Some(ack))))
+        })
+        .await
+    }
+
+    async fn put_alerts(&self, alerts: Vec<Alert>) -> Result<(), StoreError> {
+        self.blocking(move |s| {
+            let _writer = s.write.lock().map_err(|_| StoreError::Corrupt("writer lock poisoned".into()))?;
+            let mut batch = s.db.batch().durability(Some(PersistMode::SyncData));
+            for a in &alerts {
+                batch.insert(&s.alerts, alert_key(&a.tenant_id, &a.id), enc(a)?);
+            }
+            batch.commit().map_err(be)
+        })
+        .await
+    }
+
+    async fn get_delivery(&self, tenant: TenantId, id: Uuid) -> Result<Option<DeliveryRecord>, StoreError> {
+        self.blocking(move |s| match s.deliveries.get(alert_key(&tenant, &id)).map_err(be)? {
+            Some(v) => Ok(Some(dec(&v, "delivery")?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn put_deliveries(&self, records: Vec<DeliveryRecord>, now_ms: i64) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |s| put_deliveries_sync(s, records, now_ms)).await
+    }
+
+    async fn query_deliveries(&self, tenant: TenantId, query: DeliveryQuery) -> Result<DeliveryPage, StoreError> {
+        self.blocking(move |s| query_deliveries_sync(s, tenant, query)).await
+    }
+
+    async fn usage(&self, tenant: TenantId, from_day: i64, to_day: i64) -> Result<Vec<UsageDay>, StoreError> {
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            let range = usage_key(&tenant, from_day, "")..usage_key(&tenant, to_day, "");
+            for item in s.usage.range(range) {
+                let (k, v) = item.into_inner().map_err(be)?;
+                let day = k.get(16..20).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+                let count = v.as_ref().try_into().ok().map(u64::from_be_bytes);
+                let (Some(day), Some(count)) = (day, count) else {
+                    return Err(StoreError::Corrupt("usage entry".into()));
+                };
+                let metric = String::from_utf8_lossy(&k[20..]).into_owned();
+                out.push(UsageDay { day: day as i64, metric, count });
+            }
+            Ok(out)
         })
         .await
     }

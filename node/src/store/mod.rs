@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::model::{EncodedEvent, StoredEvent, TenantId};
+use crate::notify::delivery::{DeliveryRecord, DeliveryStatus};
 use crate::rules::alert::{Alert, AlertAck};
 use crate::rules::effects::{CatalogEntry, EngineMeta, PartitionEffects, SeriesPoint, StateKey};
 
@@ -124,6 +125,36 @@ pub struct AlertPage {
 /// (with a cursor), so a selective filter cannot turn a request into a full scan.
 pub const MAX_ALERT_SCAN: usize = 10_000;
 
+/// A page request over one tenant's deliveries, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub channel_id: Option<String>,
+    pub alert_id: Option<Uuid>,
+    pub status: Option<DeliveryStatus>,
+    /// Inclusive lower bound on the delivery's transition time, epoch ms.
+    pub from_ms: Option<i64>,
+    pub limit: usize,
+    /// Continue strictly after (older than) this delivery.
+    pub after: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryPage {
+    pub deliveries: Vec<DeliveryRecord>,
+    pub next: Option<Uuid>,
+}
+
+/// Usage a tenant accrued on one day (days since the Unix epoch, UTC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDay {
+    pub day: i64,
+    pub metric: String,
+    pub count: u64,
+}
+
+/// The usage metric of successful notification deliveries.
+pub const USAGE_NOTIFICATIONS_SENT: &str = "notifications_sent";
+
 /// A partition engine's stored state: where it stands and its entries.
 #[derive(Debug, Default)]
 pub struct EngineSnapshot {
@@ -193,6 +224,23 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Drops idempotency records older than the window; returns how many.
     async fn purge_idempotency(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Stores alerts the node raises itself (operational alerts, such as a disabled channel).
+    async fn put_alerts(&self, alerts: Vec<Alert>) -> Result<(), StoreError>;
+
+    /// One delivery record, only within the tenant.
+    async fn get_delivery(&self, tenant: TenantId, id: Uuid) -> Result<Option<DeliveryRecord>, StoreError>;
+
+    /// Writes delivery records in one durable commit. A record that becomes `delivered` (its
+    /// stored copy was not) adds one to its tenant's `notifications_sent` usage of the day, in
+    /// the same commit, so a delivery is counted once however often its record is written.
+    async fn put_deliveries(&self, records: Vec<DeliveryRecord>, now_ms: i64) -> Result<(), StoreError>;
+
+    /// A page of the tenant's deliveries, newest first.
+    async fn query_deliveries(&self, tenant: TenantId, query: DeliveryQuery) -> Result<DeliveryPage, StoreError>;
+
+    /// The tenant's usage per day and metric, `[from_day, to_day)`, in time order.
+    async fn usage(&self, tenant: TenantId, from_day: i64, to_day: i64) -> Result<Vec<UsageDay>, StoreError>;
 
     /// Succeeds when the store can serve reads (readiness).
     async fn check(&self) -> Result<(), StoreError>;

@@ -40,7 +40,7 @@ fn spawn_binary(args: &[&str], envs: &[(&str, &str)], log: &Path) -> Child {
     cmd.spawn().unwrap()
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn terminate(child: &mut Child) -> std::process::ExitStatus {
     #[allow(unsafe_code)]
     // SAFETY: signalling our own child process.
     unsafe {
@@ -109,16 +109,16 @@ fn dev_without_nats_server_names_the_install_command() {
 }
 
 /// A `signalops node` process with its own nats-server and data dir, restartable.
-struct ProcessNode {
+pub(crate) struct ProcessNode {
     _nats: Nats,
     dir: tempfile::TempDir,
     http: String,
-    base: String,
+    pub(crate) base: String,
     envs: Vec<(String, String)>,
 }
 
 impl ProcessNode {
-    fn new(extra_envs: &[(&str, &str)]) -> ProcessNode {
+    pub(crate) fn new(extra_envs: &[(&str, &str)]) -> ProcessNode {
         let nats = Nats::start();
         let http = format!("127.0.0.1:{}", free_port());
         let mut envs = vec![
@@ -131,7 +131,7 @@ impl ProcessNode {
     }
 
     /// Starts the node on the same data dir and waits until it is ready.
-    async fn spawn(&self) -> Child {
+    pub(crate) async fn spawn(&self) -> Child {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("node.log");
         let args = ["node", "--data-dir", data.to_str().unwrap(), "--http", &self.http];

@@ -8,5 +8,6 @@ mod harness;
 mod idempotency;
 mod ingest;
 mod nats;
+mod notify;
 mod plugins;
 mod rules;

@@ -1,0 +1,221 @@
+//! The outbound side: one attempt at delivering a rendered notification to a channel.
+//!
+//! HTTP goes through one shared client that resolves names through the egress guard, follows
+//! no redirects and uses no proxy. Email goes through the node's SMTP server. An attempt never
+//! takes longer than the channel's timeout, and reads at most a short excerpt of the response.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lettre::message::{header::ContentType, Mailbox};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use serde_json::{json, Value};
+
+use super::channel::{Channel, Target};
+use super::egress::{EgressPolicy, GuardedResolver};
+use super::sign::signature_header;
+use super::template::Message;
+use crate::config::NotifyConfig;
+
+/// Bytes of a response body kept in the delivery log.
+const RESPONSE_EXCERPT_BYTES: usize = 1024;
+
+/// What one attempt saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub status_code: Option<u16>,
+    pub latency: Duration,
+    pub response: Option<String>,
+    pub error: Option<String>,
+    /// The endpoint said it is gone for good (HTTP 410): the channel is disabled.
+    pub gone: bool,
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none() && self.status_code.is_none_or(|c| (200..300).contains(&c))
+    }
+
+    fn failed(started: Instant, error: String) -> Outcome {
+        Outcome { status_code: None, latency: started.elapsed(), response: None, error: Some(error), gone: false }
+    }
+}
+
+/// What a delivery sends: the webhook payload (also the source of the chat and email text).
+pub struct Outgoing<'a> {
+    pub webhook_id: &'a str,
+    /// The JSON body of a webhook (Standard Webhooks `{"type", "timestamp", "data"}`).
+    pub payload: &'a Value,
+    pub message: &'a Message,
+}
+
+pub struct Outbound {
+    http: reqwest::Client,
+    smtp: Option<(AsyncSmtpTransport<Tokio1Executor>, Mailbox)>,
+    egress: Arc<EgressPolicy>,
+    telegram_base: String,
+}
+
+impl Outbound {
+    pub fn new(cfg: &NotifyConfig) -> anyhow::Result<Outbound> {
+        let egress =
+            Arc::new(EgressPolicy::parse(cfg.egress_allow.iter().map(String::as_str)).map_err(anyhow::Error::msg)?);
+        let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver { policy: egress.clone() }))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("SignalOps-Webhooks/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let smtp = match (&cfg.smtp_url, &cfg.smtp_from) {
+            (Some(url), Some(from)) => {
+                let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+                    .map_err(|e| anyhow::anyhow!("notify.smtp_url: {e}"))?
+                    .timeout(Some(Duration::from_secs(30)))
+                    .build();
+                let from: Mailbox = from.parse().map_err(|e| anyhow::anyhow!("notify.smtp_from: {e}"))?;
+                Some((transport, from))
+            }
+            (Some(_), None) => anyhow::bail!("notify.smtp_from (SIGNALOPS_SMTP_FROM) is required with an SMTP URL"),
+            _ => None,
+        };
+        Ok(Outbound { http, smtp, egress, telegram_base: cfg.telegram_api_base_url.trim_end_matches('/').to_owned() })
+    }
+
+    pub fn egress(&self) -> &EgressPolicy {
+        &self.egress
+    }
+
+    /// One attempt, bounded by the channel's timeout.
+    pub async fn send(&self, channel: &Channel, out: &Outgoing<'_>, now_ms: i64) -> Outcome {
+        let started = Instant::now();
+        let timeout = Duration::from_secs(channel.delivery.timeout_secs);
+        let attempt = self.attempt(channel, out, now_ms, started);
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(o) => o,
+            Err(_) => Outcome::failed(started, format!("no answer within {} s", timeout.as_secs())),
+        }
+    }
+
+    async fn attempt(&self, channel: &Channel, out: &Outgoing<'_>, now_ms: i64, started: Instant) -> Outcome {
+        match &channel.target {
+            Target::Webhook { url, headers } => {
+                let body = match serde_json::to_vec(out.payload) {
+                    Ok(b) => b,
+                    Err(e) => return Outcome::failed(started, format!("cannot encode payload: {e}")),
+                };
+                let ts = now_ms.div_euclid(1000);
+                let signature = signature_header(channel.live_secrets(now_ms), out.webhook_id, ts, &body);
+                let mut extra: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                extra.push(("webhook-id", out.webhook_id.to_owned()));
+                extra.push(("webhook-timestamp", ts.to_string()));
+                extra.push(("webhook-signature", signature));
+                self.post(url, body, &extra, started).await
+            }
+            Target::Slack { url } => {
+                let text = format!("*{}*\n{}", out.message.title, out.message.body);
+                let body = json!({ "text": text });
+                self.post(url, body.to_string().into_bytes(), &[], started).await
+            }
+            Target::Telegram { bot_token, chat_id, api_base_url } => {
+                let base = api_base_url.as_deref().map(|b| b.trim_end_matches('/')).unwrap_or(&self.telegram_base);
+                let url = format!("{base}/bot{bot_token}/sendMessage");
+                let body = json!({
+                    "chat_id": chat_id,
+                    "text": format!("{}\n\n{}", out.message.title, out.message.body),
+                    "disable_web_page_preview": true,
+                });
+                let mut o = self.post(&url, body.to_string().into_bytes(), &[], started).await;
+                if let Some(e) = o.error.as_mut() {
+                    // The bot token is part of the URL: keep it out of the delivery log.
+                    *e = e.replace(bot_token.as_str(), "***");
+                }
+                o
+            }
+            Target::Email { to } => self.email(to, out.message, started).await,
+        }
+    }
+
+    async fn post(&self, url: &str, body: Vec<u8>, headers: &[(&str, String)], started: Instant) -> Outcome {
+        let parsed = match reqwest::Url::parse(url) {
+            Ok(u) => u,
+            Err(e) => return Outcome::failed(started, format!("invalid URL: {e}")),
+        };
+        if let Err(e) = self.egress.check_url(&parsed) {
+            return Outcome::failed(started, e);
+        }
+        let mut req = self.http.post(parsed).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let mut resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Outcome::failed(started, describe(&e)),
+        };
+        let status = resp.status().as_u16();
+        let mut excerpt = Vec::new();
+        while excerpt.len() < RESPONSE_EXCERPT_BYTES {
+            match resp.chunk().await {
+                Ok(Some(c)) => excerpt.extend_from_slice(&c[..c.len().min(RESPONSE_EXCERPT_BYTES - excerpt.len())]),
+                _ => break,
+            }
+        }
+        let response = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
+        Outcome { status_code: Some(status), latency: started.elapsed(), response, error: None, gone: status == 410 }
+    }
+
+    async fn email(&self, to: &[String], message: &Message, started: Instant) -> Outcome {
+        let Some((transport, from)) = &self.smtp else {
+            return Outcome::failed(started, "no SMTP server is configured on the node (SIGNALOPS_SMTP_URL)".into());
+        };
+        let mut builder = lettre::Message::builder().from(from.clone()).subject(message.title.as_str());
+        for addr in to {
+            match addr.parse::<Mailbox>() {
+                Ok(m) => builder = builder.to(m),
+                Err(e) => return Outcome::failed(started, format!("recipient `{addr}`: {e}")),
+            }
+        }
+        let email = match builder.header(ContentType::TEXT_PLAIN).body(message.body.clone()) {
+            Ok(m) => m,
+            Err(e) => return Outcome::failed(started, format!("cannot build the email: {e}")),
+        };
+        match transport.send(email).await {
+            Ok(resp) => Outcome {
+                status_code: Some(u16::from(resp.code())),
+                latency: started.elapsed(),
+                response: Some(resp.message().collect::<Vec<_>>().join(" ")),
+                error: None,
+                gone: false,
+            },
+            Err(e) => {
+                let code = e.status().map(u16::from);
+                Outcome {
+                    status_code: code,
+                    latency: started.elapsed(),
+                    response: None,
+                    error: Some(e.to_string()),
+                    gone: false,
+                }
+            }
+        }
+    }
+}
+
+/// A transport error with its causes, on one line.
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = if e.is_connect() {
+        "connection failed".to_string()
+    } else if e.is_timeout() {
+        "timed out".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

@@ -1,0 +1,541 @@
+//! Delivery workers: every node consumes the job stream through one shared durable consumer
+//! (explicit acks), so each job is worked on by one node at a time and any node can take over.
+//!
+//! Per job: the delivery record is loaded (a finished one is skipped), the channel looked up,
+//! the message rendered and one attempt made. The attempt goes into the record, which is
+//! written (group-committed with other records) before the job is acked or handed back:
+//! - a 2xx: `delivered`, acked;
+//! - a failure with retries left: handed back with `Nak(delay)` for the channel's schedule,
+//!   with ±10 % jitter. The job stays in JetStream meanwhile, so a node crash loses nothing: an
+//!   unacked job comes back after the ack wait and is sent again with the same `webhook-id`;
+//! - 410 Gone, no retries left, or a deleted or disabled channel: `failed`, dead-lettered,
+//!   acked. 410 disables the channel at once; `disable_after_failed_deliveries` exhausted
+//!   deliveries in a row disable it too. Either raises an operational alert for the tenant.
+//!
+//! Isolation: each channel has a lane with its own concurrency limit (and optional rate limit).
+//! A lane holds at most `max_queued_per_channel` jobs; further jobs of that channel go back to
+//! the stream for a second instead of occupying the node's `max_in_flight` slots, so a slow or
+//! failing endpoint only ever delays itself.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::AckKind;
+use futures::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::channel::Channel;
+use super::delivery::{webhook_id, Attempt, DeliveryRecord, DeliveryStatus, Job, Transition};
+use super::queue::JobQueue;
+use super::send::{Outbound, Outcome, Outgoing};
+use super::template::{self, parse_template, Message, MessageTemplate};
+use crate::cluster::state::Command;
+use crate::cluster::ControlPlane;
+use crate::config::NotifyConfig;
+use crate::model::{format_ms, now_ms};
+use crate::plugins::registry::Disabled;
+use crate::rules::alert::{alert_id, Alert, AlertKind, AlertState};
+use crate::rules::spec::Severity;
+use crate::store::EventStore;
+use crate::telemetry;
+
+const CONSUMER: &str = "notify-workers";
+/// How long a job of a full lane waits in the stream before it is offered again.
+const LANE_FULL_DELAY: Duration = Duration::from_secs(1);
+/// Records one store commit takes at most.
+const MAX_RECORDS_PER_COMMIT: usize = 1024;
+
+/// One channel's share of a node: its concurrency, rate limit and failure streak.
+struct Lane {
+    permits: Semaphore,
+    concurrency: u32,
+    rate: Option<u32>,
+    limiter: Option<DefaultDirectRateLimiter>,
+    queued: AtomicUsize,
+    exhausted_in_row: AtomicU32,
+}
+
+impl Lane {
+    fn new(channel: &Channel) -> Lane {
+        let rate = channel.delivery.rate_limit_per_second;
+        Lane {
+            permits: Semaphore::new(channel.delivery.max_concurrency.max(1) as usize),
+            concurrency: channel.delivery.max_concurrency,
+            rate,
+            limiter: rate.and_then(NonZeroU32::new).map(|r| RateLimiter::direct(Quota::per_second(r))),
+            queued: AtomicUsize::new(0),
+            exhausted_in_row: AtomicU32::new(0),
+        }
+    }
+}
+
+/// What the worker does with a job's message once the attempt is recorded.
+enum Settle {
+    Ack,
+    Retry(Duration),
+}
+
+/// Everything delivery needs; shared by the consumer loop, its tasks and the channel test API.
+pub struct Notifier {
+    control: ControlPlane,
+    store: Arc<dyn EventStore>,
+    queue: JobQueue,
+    outbound: Outbound,
+    cfg: NotifyConfig,
+    lanes: Mutex<HashMap<Uuid, Arc<Lane>>>,
+    records: mpsc::Sender<(DeliveryRecord, oneshot::Sender<bool>)>,
+}
+
+impl Notifier {
+    pub fn new(
+        control: ControlPlane,
+        store: Arc<dyn EventStore>,
+        queue: JobQueue,
+        cfg: NotifyConfig,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<Arc<Notifier>> {
+        let outbound = Outbound::new(&cfg)?;
+        let (records, rx) = mpsc::channel(4096);
+        tracker.spawn(write_records(store.clone(), rx));
+        Ok(Arc::new(Notifier { control, store, queue, outbound, cfg, lanes: Mutex::new(HashMap::new()), records }))
+    }
+
+    pub fn queue(&self) -> &JobQueue {
+        &self.queue
+    }
+
+    pub fn outbound(&self) -> &Outbound {
+        &self.outbound
+    }
+
+    /// Consumes the job stream until cancelled, restarting the consumer after failures.
+    pub async fn run(self: Arc<Self>, tracker: TaskTracker, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            match self.clone().consume(&tracker, &cancel).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "notification worker failed; restarting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn consume(self: Arc<Self>, tracker: &TaskTracker, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let consumer = self
+            .queue
+            .jobs_stream()
+            // Create or update: a changed ack wait applies on the next start.
+            .create_consumer(pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(self.cfg.ack_wait_secs),
+                // Jobs waiting for a retry stay pending; the limit must not stall the others.
+                max_ack_pending: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {CONSUMER}: {e}"))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {CONSUMER} stream: {e}"))?;
+        let in_flight = Arc::new(Semaphore::new(self.cfg.max_in_flight));
+        // Progress acks keep a job that waits for its channel or a slow endpoint from being
+        // offered to another worker.
+        let progress_every = Duration::from_secs(self.cfg.ack_wait_secs) / 3;
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                m = messages.next() => m,
+            };
+            let Some(msg) = next else { anyhow::bail!("job stream ended") };
+            let msg = msg.map_err(|e| anyhow::anyhow!("job stream: {e}"))?;
+            let job: Job = match rmp_serde::from_slice(&msg.payload) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(error = %e, subject = %msg.subject, "undecodable notification job dropped");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                p = in_flight.clone().acquire_owned() => p?,
+            };
+            let channel = Uuid::parse_str(&job.channel_id)
+                .ok()
+                .and_then(|id| self.control.read().channel(job.tenant_id, &id).cloned());
+            let lane = channel.as_ref().map(|c| self.lane(c));
+            if let Some(lane) = &lane {
+                if lane.queued.load(Ordering::Relaxed) >= self.cfg.max_queued_per_channel {
+                    let _ = msg.ack_with(AckKind::Nak(Some(LANE_FULL_DELAY))).await;
+                    continue;
+                }
+                lane.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            let me = self.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                let work = me.deliver(job, channel, lane.clone());
+                tokio::pin!(work);
+                let mut progress =
+                    tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+                let settle = loop {
+                    tokio::select! {
+                        s = &mut work => break s,
+                        _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+                    }
+                };
+                if let Some(lane) = lane {
+                    lane.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                let acked = match settle {
+                    Settle::Ack => msg.ack().await,
+                    Settle::Retry(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
+                };
+                if let Err(e) = acked {
+                    tracing::warn!(error = %e, "notification job ack failed; it will be offered again");
+                }
+            });
+        }
+    }
+
+    /// The channel's lane, rebuilt when its limits changed.
+    fn lane(&self, channel: &Channel) -> Arc<Lane> {
+        let mut lanes = match self.lanes.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let d = &channel.delivery;
+        match lanes.get(&channel.id) {
+            Some(l) if l.concurrency == d.max_concurrency && l.rate == d.rate_limit_per_second => l.clone(),
+            _ => {
+                let lane = Arc::new(Lane::new(channel));
+                lanes.insert(channel.id, lane.clone());
+                lane
+            }
+        }
+    }
+
+    async fn deliver(&self, job: Job, channel: Option<Channel>, lane: Option<Arc<Lane>>) -> Settle {
+        let tenant = job.tenant_id;
+        let id = job.delivery_id;
+        let mut record = match self.store.get_delivery(tenant, id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => DeliveryRecord::new(job.clone(), now_ms()),
+            Err(e) => {
+                tracing::warn!(delivery_id = %id, error = %e, "cannot read delivery record; retrying shortly");
+                return Settle::Retry(Duration::from_secs(1));
+            }
+        };
+        if job.run < record.job.run || (job.run == record.job.run && record.status != DeliveryStatus::Pending) {
+            // A copy of a job already finished (or superseded by a replay).
+            return Settle::Ack;
+        }
+        if job.run > record.job.run {
+            record.job = job;
+            record.status = DeliveryStatus::Pending;
+            record.run_attempts = 0;
+        }
+        let (Some(channel), Some(lane)) = (channel, lane) else {
+            record.last_error = Some(format!("channel `{}` does not exist", record.job.channel_id));
+            return self.fail(record).await;
+        };
+        if let Some(d) = &channel.disabled {
+            record.last_error = Some(format!("channel is disabled: {}", d.reason));
+            return self.fail(record).await;
+        }
+        let Ok(_permit) = lane.permits.acquire().await else { return Settle::Retry(LANE_FULL_DELAY) };
+        if let Some(limiter) = &lane.limiter {
+            limiter.until_ready().await;
+        }
+        let message = self.render(&record.job, &channel).await;
+        let payload = payload(&record.job, &message);
+        let wid = webhook_id(&id);
+        let outgoing = Outgoing { webhook_id: &wid, payload: &payload, message: &message };
+        let started = now_ms();
+        let outcome = self.outbound.send(&channel, &outgoing, started).await;
+        let kind = channel.target.kind();
+        metrics::histogram!(telemetry::NOTIFY_ATTEMPT_DURATION, "kind" => kind).record(outcome.latency.as_secs_f64());
+        let ok = outcome.succeeded();
+        metrics::counter!(telemetry::NOTIFY_ATTEMPTS, "kind" => kind, "outcome" => if ok { "ok" } else { "failed" })
+            .increment(1);
+        record.push_attempt(attempt(&outcome, started, record.job.run));
+        if ok {
+            record.status = DeliveryStatus::Delivered;
+            record.next_attempt_at_ms = None;
+            lane.exhausted_in_row.store(0, Ordering::Relaxed);
+            if !self.save(record.clone()).await {
+                return Settle::Retry(Duration::from_secs(1));
+            }
+            metrics::counter!(telemetry::NOTIFY_DELIVERIES, "status" => "delivered").increment(1);
+            metrics::histogram!(telemetry::NOTIFY_QUEUE_TO_DELIVERED)
+                .record((now_ms() - record.job.created_at_ms).max(0) as f64 / 1000.0);
+            return Settle::Ack;
+        }
+        if outcome.gone {
+            record.last_error = Some("the endpoint answered 410 Gone; the channel was disabled".into());
+            let settle = self.fail(record).await;
+            self.disable(&channel, "the endpoint answered 410 Gone".into()).await;
+            return settle;
+        }
+        let schedule = &channel.delivery.retry_schedule_secs;
+        match schedule.get(record.run_attempts as usize - 1) {
+            Some(secs) => {
+                let delay = jitter(Duration::from_secs(*secs));
+                record.next_attempt_at_ms = Some(now_ms() + delay.as_millis() as i64);
+                if !self.save(record).await {
+                    return Settle::Retry(Duration::from_secs(1));
+                }
+                Settle::Retry(delay)
+            }
+            None => {
+                let streak = lane.exhausted_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+                let settle = self.fail(record).await;
+                if streak >= self.cfg.disable_after_failed_deliveries {
+                    lane.exhausted_in_row.store(0, Ordering::Relaxed);
+                    self.disable(&channel, format!("{streak} deliveries in a row failed every attempt")).await;
+                }
+                settle
+            }
+        }
+    }
+
+    /// Finishes a delivery as failed: recorded, dead-lettered, acked.
+    async fn fail(&self, mut record: DeliveryRecord) -> Settle {
+        record.status = DeliveryStatus::Failed;
+        record.next_attempt_at_ms = None;
+        record.updated_at_ms = now_ms();
+        if let Err(e) = self.queue.dead_letter(&record).await {
+            tracing::warn!(delivery_id = %record.id(), error = %e, "cannot dead-letter job; retrying shortly");
+            return Settle::Retry(Duration::from_secs(1));
+        }
+        let (id, tenant, error) = (record.id(), record.job.tenant_id, record.last_error.clone());
+        if !self.save(record).await {
+            return Settle::Retry(Duration::from_secs(1));
+        }
+        metrics::counter!(telemetry::NOTIFY_DELIVERIES, "status" => "failed").increment(1);
+        tracing::warn!(delivery_id = %id, tenant_id = %tenant, error = ?error, "delivery failed; job dead-lettered");
+        Settle::Ack
+    }
+
+    /// Writes a record through the group-committing writer; false when it could not.
+    async fn save(&self, record: DeliveryRecord) -> bool {
+        let (done, rx) = oneshot::channel();
+        if self.records.send((record, done)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Disables a channel through the control plane and raises an operational alert.
+    async fn disable(&self, channel: &Channel, reason: String) {
+        let at = now_ms();
+        let cmd = Command::SetChannelDisabled {
+            tenant_id: channel.tenant_id,
+            channel_id: channel.id,
+            disabled: Some(Disabled { reason: reason.clone(), at_ms: at }),
+        };
+        match self.control.propose(cmd).await {
+            Ok(_) => {
+                metrics::counter!(telemetry::NOTIFY_CHANNELS_DISABLED).increment(1);
+                tracing::warn!(tenant_id = %channel.tenant_id, channel_id = %channel.id, reason = %reason, "channel disabled");
+            }
+            Err(e) => {
+                tracing::warn!(channel_id = %channel.id, error = %e, "cannot disable channel");
+                return;
+            }
+        }
+        let alert = channel_alert(channel, &reason, at);
+        if let Err(e) = self.store.put_alerts(vec![alert]).await {
+            tracing::warn!(channel_id = %channel.id, error = %e, "cannot store the channel-disabled alert");
+        }
+    }
+
+    /// The message for a job: its action's template over the alert, the newest triggering
+    /// event and the channel.
+    async fn render(&self, job: &Job, channel: &Channel) -> Message {
+        let event = match job.alert.event_ids.last() {
+            Some(id) => match self.store.get_event(job.tenant_id, id).await {
+                Ok(Some(ev)) => serde_json::to_value(ev.view()).unwrap_or(Value::Null),
+                _ => Value::Null,
+            },
+            None => Value::Null,
+        };
+        let tpl = match &job.template {
+            Some(t) => parse_template(Some(t), "template").unwrap_or_default(),
+            None => MessageTemplate::default(),
+        };
+        let context = json!({
+            "alert": job.alert.view(None),
+            "event": event,
+            "channel": {"id": channel.id, "name": channel.name},
+        });
+        template::render(&tpl, &context)
+    }
+
+    /// Sends a sample alert to a channel now, outside the job stream (`POST /v1/channels/{id}/test`).
+    pub async fn send_test(&self, channel: &Channel) -> (Attempt, String) {
+        let now = now_ms();
+        let job = sample_job(channel, now);
+        let message = self.render(&job, channel).await;
+        let payload = payload(&job, &message);
+        let wid = webhook_id(&job.delivery_id);
+        let outcome = self
+            .outbound
+            .send(channel, &Outgoing { webhook_id: &wid, payload: &payload, message: &message }, now)
+            .await;
+        (attempt(&outcome, now, 0), wid)
+    }
+}
+
+fn attempt(o: &Outcome, at_ms: i64, run: u32) -> Attempt {
+    Attempt {
+        at_ms,
+        status_code: o.status_code,
+        latency_ms: o.latency.as_millis() as u64,
+        response: o.response.clone(),
+        error: o.error.clone(),
+        run,
+    }
+}
+
+/// ±10 % so retries of many deliveries that failed together spread out.
+fn jitter(d: Duration) -> Duration {
+    if d.is_zero() {
+        return d;
+    }
+    let f: f64 = rand::rng().random_range(0.9..1.1);
+    d.mul_f64(f)
+}
+
+/// The webhook body (Standard Webhooks shape): the same bytes on every attempt of a delivery.
+fn payload(job: &Job, message: &Message) -> Value {
+    let at = match job.transition {
+        Transition::Firing => job.alert.fired_at_ms,
+        Transition::Resolved => job.alert.resolved_at_ms.unwrap_or(job.alert.fired_at_ms),
+    };
+    json!({
+        "type": job.transition.event_type(),
+        "timestamp": format_ms(at),
+        "data": {
+            "tenant_id": job.tenant_id,
+            "delivery_id": job.delivery_id,
+            "channel_id": job.channel_id,
+            "alert": job.alert.view(None),
+            "message": {"title": message.title, "body": message.body},
+        },
+    })
+}
+
+fn sample_job(channel: &Channel, now: i64) -> Job {
+    let alert = Alert {
+        id: alert_id(now, &channel.tenant_id, &Uuid::nil(), "test", now as u64),
+        tenant_id: channel.tenant_id,
+        rule_id: Uuid::nil(),
+        rule_version: 0,
+        rule_name: "SignalOps test notification".into(),
+        kind: AlertKind::System,
+        severity: Severity::Info,
+        labels: Default::default(),
+        group: Default::default(),
+        value: 1.0,
+        threshold: None,
+        op: None,
+        aggregate: None,
+        window_seconds: None,
+        state: AlertState::Firing,
+        fired_at_ms: now,
+        resolved_at_ms: None,
+        event_ids: Vec::new(),
+        silence_id: None,
+        actions: Vec::new(),
+        title: Some(format!("Test notification for channel `{}`", channel.name)),
+        details: Default::default(),
+    };
+    Job {
+        delivery_id: Uuid::now_v7(),
+        tenant_id: channel.tenant_id,
+        channel_id: channel.id.to_string(),
+        transition: Transition::Firing,
+        alert,
+        template: None,
+        created_at_ms: now,
+        run: 0,
+    }
+}
+
+/// The operational alert raised when the node disables a channel.
+fn channel_alert(channel: &Channel, reason: &str, at: i64) -> Alert {
+    let mut details = serde_json::Map::new();
+    details.insert("channel_id".into(), Value::String(channel.id.to_string()));
+    details.insert("reason".into(), Value::String(reason.to_owned()));
+    Alert {
+        id: alert_id(at, &channel.tenant_id, &channel.id, "channel-disabled", at as u64),
+        tenant_id: channel.tenant_id,
+        rule_id: Uuid::nil(),
+        rule_version: 0,
+        rule_name: "Channel disabled".into(),
+        kind: AlertKind::System,
+        severity: Severity::Critical,
+        labels: [("channel".to_string(), channel.name.clone())].into(),
+        group: Default::default(),
+        value: 1.0,
+        threshold: None,
+        op: None,
+        aggregate: None,
+        window_seconds: None,
+        state: AlertState::Firing,
+        fired_at_ms: at,
+        resolved_at_ms: None,
+        event_ids: Vec::new(),
+        silence_id: None,
+        actions: Vec::new(),
+        title: Some(format!("Channel `{}` was disabled: {reason}", channel.name)),
+        details,
+    }
+}
+
+/// Group-commits delivery records: every record waiting is written in one durable commit.
+async fn write_records(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<(DeliveryRecord, oneshot::Sender<bool>)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_RECORDS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let (records, waiting): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let ok = match store.put_deliveries(records, now_ms()).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write delivery records");
+                false
+            }
+        };
+        for done in waiting {
+            let _ = done.send(ok);
+        }
+    }
+}
