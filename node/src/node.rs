@@ -113,8 +113,14 @@ async fn serve(
         max_consecutive_failures: cfg.plugins.max_consecutive_failures,
     };
     let jobs = crate::notify::queue::JobQueue::open(client.clone(), &cfg.notify, cfg.stream.replicas).await?;
-    let notifier =
-        crate::notify::Notifier::new(control.clone(), store.clone(), jobs.clone(), cfg.notify.clone(), &tracker)?;
+    let notifier = crate::notify::Notifier::new(
+        control.clone(),
+        store.clone(),
+        jobs.clone(),
+        cfg.notify.clone(),
+        plugins.clone(),
+        &tracker,
+    )?;
     tracker.spawn(notifier.clone().run(tracker.clone(), cancel.clone()));
     let owners = processor::Owners {
         control: control.clone(),

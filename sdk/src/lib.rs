@@ -22,6 +22,20 @@
 //! time. Nothing else: no clock, no randomness, no network, no files. A plugin's decisions are
 //! therefore a function of the events it saw, and replaying the log gives the same alerts.
 //!
+//! A notifier plugin turns an alert notification into one HTTP request for a service the node
+//! has no built-in channel for; [`export_notifier!`] exports it:
+//!
+//! ```ignore
+//! use signalops_sdk::{export_notifier, Notification, Request, Value};
+//!
+//! fn render(n: &Notification, config: &Value) -> Result<Request, String> {
+//!     let url = config.get("url").and_then(Value::as_str).ok_or("config.url is required")?;
+//!     Ok(Request::post(url).json(&Value::map(vec![("text", Value::from(n.title()))])))
+//! }
+//!
+//! export_notifier!(render);
+//! ```
+//!
 //! The wire format between node and plugin is documented in `ABI.md` next to this crate.
 //!
 //! The SDK has no dependencies and builds with rustc 1.63 (the wasm32 toolchain of the build
@@ -32,6 +46,7 @@ pub mod msgpack;
 mod decision;
 mod event;
 pub mod host;
+mod notification;
 
 #[doc(hidden)]
 pub mod abi;
@@ -39,6 +54,7 @@ pub mod abi;
 pub use decision::{Decision, Severity};
 pub use event::Event;
 pub use msgpack::Value;
+pub use notification::{Notification, Request};
 
 /// The ABI version this SDK speaks (exported as `signalops_abi_v1`, used as the import
 /// namespace `signalops_v1`, and sent by the host as `abi` in every input).
@@ -69,6 +85,36 @@ macro_rules! export_rule {
             #[export_name = "evaluate"]
             pub extern "C" fn __signalops_evaluate(ptr: i32, len: i32) -> i64 {
                 $crate::abi::run_rule(ptr, len, $handler)
+            }
+        };
+    };
+}
+
+/// Exports a notifier plugin's entry point.
+///
+/// The function has the signature `fn(&Notification, &Value) -> Result<Request, String>`; the
+/// second argument is the channel's `config`. Returning `Err(message)` fails the delivery
+/// attempt (kind `plugin_error`); it is retried on the channel's schedule.
+///
+/// The macro defines the module's exports: `signalops_abi_v1`, `signalops_alloc` and `render`.
+/// Use it once per crate (a module is either a rule or a notifier).
+#[macro_export]
+macro_rules! export_notifier {
+    ($handler:path) => {
+        const _: () = {
+            #[export_name = "signalops_abi_v1"]
+            pub extern "C" fn __signalops_abi_v1() -> i32 {
+                $crate::ABI_VERSION as i32
+            }
+
+            #[export_name = "signalops_alloc"]
+            pub extern "C" fn __signalops_alloc(len: i32) -> i32 {
+                $crate::abi::input_buffer(len)
+            }
+
+            #[export_name = "render"]
+            pub extern "C" fn __signalops_render(ptr: i32, len: i32) -> i64 {
+                $crate::abi::run_notifier(ptr, len, $handler)
             }
         };
     };

@@ -106,6 +106,90 @@ impl Value {
     }
 }
 
+impl Value {
+    /// Builds a map from string keys.
+    pub fn map<K: Into<String>>(entries: Vec<(K, Value)>) -> Value {
+        Value::Map(entries.into_iter().map(|(k, v)| (Value::Str(k.into()), v)).collect())
+    }
+
+    /// The value as JSON text: maps become objects (keys as [`Value::to_key`] prints them),
+    /// binary becomes an array of byte values, and non-finite floats become `null`.
+    pub fn to_json(&self) -> String {
+        let mut out = String::new();
+        write_json(self, &mut out);
+        out
+    }
+}
+
+fn write_json_str(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn write_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Nil => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Int(i) => out.push_str(&i.to_string()),
+        Value::UInt(u) => out.push_str(&u.to_string()),
+        Value::Float(f) if f.is_finite() => {
+            let text = f.to_string();
+            out.push_str(&text);
+        }
+        Value::Float(_) => out.push_str("null"),
+        Value::Str(s) => write_json_str(s, out),
+        Value::Bin(b) => {
+            out.push('[');
+            for (i, byte) in b.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&byte.to_string());
+            }
+            out.push(']');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, item) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(item, out);
+            }
+            out.push(']');
+        }
+        Value::Map(m) => {
+            out.push('{');
+            for (i, (k, item)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json_str(&k.to_key().unwrap_or_default(), out);
+                out.push(':');
+                write_json(item, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+impl From<Vec<Value>> for Value {
+    fn from(a: Vec<Value>) -> Value {
+        Value::Array(a)
+    }
+}
+
 impl From<&str> for Value {
     fn from(s: &str) -> Value {
         Value::Str(s.to_string())

@@ -21,6 +21,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::model::{format_ms, now_ms, TenantId};
 use crate::notify::channel::{generate_secret, parse_channel, Channel, ChannelSpec, SigningSecret, Target};
 use crate::notify::delivery::DeliveryStatus;
+use crate::plugins::PluginKind;
 use crate::store::DeliveryQuery;
 
 pub fn router() -> Router<AppState> {
@@ -47,13 +48,31 @@ fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError
 }
 
 /// Parses a definition and checks its URLs against the egress guard.
-fn parse(state: &AppState, body: &Value) -> Result<ChannelSpec, ApiError> {
+fn parse(state: &AppState, tenant: TenantId, body: &Value) -> Result<ChannelSpec, ApiError> {
     let spec = parse_channel(body).map_err(|e| ApiError::bad_request(e.field, e.detail))?;
     let urls: Vec<(&str, &str)> = match &spec.target {
         Target::Webhook { url, .. } | Target::Slack { url } => vec![("url", url)],
         Target::Telegram { api_base_url: Some(u), .. } => vec![("api_base_url", u)],
-        Target::Telegram { api_base_url: None, .. } | Target::Email { .. } => vec![],
+        Target::Telegram { api_base_url: None, .. } | Target::Email { .. } | Target::Plugin { .. } => vec![],
     };
+    if let Target::Plugin { plugin, version, .. } = &spec.target {
+        let view = state.control.read();
+        let found = view.plugins_of(tenant).into_iter().find(|p| p.name == *plugin || p.id.to_string() == *plugin);
+        match found {
+            Some(p) if p.kind == PluginKind::Notifier => {
+                if p.version(version.as_deref()).is_none() {
+                    return Err(ApiError::bad_request("version", format!("plugin `{plugin}` has no such version")));
+                }
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "plugin",
+                    format!("plugin `{plugin}` is a rule plugin, not a notifier"),
+                ))
+            }
+            None => return Err(ApiError::bad_request("plugin", format!("no notifier plugin `{plugin}`"))),
+        }
+    }
     for (field, url) in urls {
         let parsed = reqwest::Url::parse(url).map_err(|e| ApiError::bad_request(field, e.to_string()))?;
         if let Err(e) = state.notifier.outbound().egress().check_url(&parsed) {
@@ -86,7 +105,7 @@ async fn create(
     AuthTenant(tenant): AuthTenant,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let spec = parse(&state, &json_body(body)?)?;
+    let spec = parse(&state, tenant.id, &json_body(body)?)?;
     let now = now_ms();
     let secret = generate_secret();
     let channel = Channel {
@@ -154,7 +173,7 @@ async fn update(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let c = find(&state, tenant.id, &id)?;
-    let spec = parse(&state, &json_body(body)?)?;
+    let spec = parse(&state, tenant.id, &json_body(body)?)?;
     let name = spec.name.clone();
     let cmd = Command::UpdateChannel { tenant_id: tenant.id, channel_id: c.id, spec: Box::new(spec), at_ms: now_ms() };
     match state.control.propose(cmd).await.map_err(control_error)? {

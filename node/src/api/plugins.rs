@@ -37,6 +37,13 @@ pub fn router() -> Router<AppState> {
 
 const MAX_NAME_CHARS: usize = 64;
 
+fn kind_name(k: PluginKind) -> &'static str {
+    match k {
+        PluginKind::Rule => "rule",
+        PluginKind::Notifier => "notifier",
+    }
+}
+
 #[derive(Serialize)]
 struct PluginView<'a> {
     id: Uuid,
@@ -194,12 +201,17 @@ async fn upload(
 ) -> Result<Response, ApiError> {
     let up = read_upload(&state, params, req).await?;
     let name = check_name(up.name)?;
-    match up.kind.as_deref() {
-        None | Some("rule") => {}
+    let wanted = match up.kind.as_deref() {
+        None => None,
+        Some("rule") => Some(PluginKind::Rule),
+        Some("notifier") => Some(PluginKind::Notifier),
         Some(other) => {
-            return Err(ApiError::bad_request("kind", format!("unknown plugin kind `{other}`; expected `rule`")))
+            return Err(ApiError::bad_request(
+                "kind",
+                format!("unknown plugin kind `{other}`; expected `rule` or `notifier`"),
+            ))
         }
-    }
+    };
     if up.module.is_empty() {
         return Err(ApiError::bad_request("module", "the module is empty"));
     }
@@ -209,6 +221,18 @@ async fn upload(
         .await
         .map_err(|e| ApiError::internal("plugin compile", &e))?
         .map_err(rejection)?;
+    if let Some(kind) = wanted.filter(|k| *k != validated.kind) {
+        let (entry, other) = match kind {
+            PluginKind::Rule => ("evaluate", "render"),
+            PluginKind::Notifier => ("render", "evaluate"),
+        };
+        return Err(ApiError::new(
+            ErrorKind::Unprocessable,
+            format!("a `{}` plugin exports `{entry}`; this module exports `{other}`", kind_name(kind)),
+        )
+        .with_field("kind")
+        .with_extra(json!({ "reason": "missing_export" })));
+    }
     let sha256 = digest_hex(&validated.digest);
     state
         .plugins
@@ -229,7 +253,7 @@ async fn upload(
     let cmd = Command::AddPluginVersion {
         tenant_id: tenant.id,
         name: name.clone(),
-        kind: PluginKind::Rule,
+        kind: validated.kind,
         new_id: Uuid::now_v7(),
         version,
         max_plugins: state.plugin_cfg.max_plugins_per_tenant,
@@ -299,6 +323,13 @@ async fn remove(
             )
             .with_extra(json!({ "rules": rules })))
         }
+        CommandResult::PluginUsedByChannels(channels) => {
+            return Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!("the notifier renders for {} channel(s); delete or change them first", channels.len()),
+            )
+            .with_extra(json!({ "channels": channels })))
+        }
         other => return Err(ApiError::internal("plugin delete", &format!("{other:?}"))),
     }
     for v in &p.versions {
@@ -342,6 +373,12 @@ async fn test(
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let p = find(&state, tenant.id, &id)?;
+    if p.kind == PluginKind::Notifier {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            "a notifier renders notifications: test it through a channel that uses it (POST /v1/channels/{id}/test)",
+        ));
+    }
     let Json(body) = body.map_err(|e| ApiError::bad_request("", e.body_text()))?;
     let Value::Object(mut body) = body else {
         return Err(ApiError::bad_request("", "the body must be an object: {\"events\": [...], \"config\": {...}}"));

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::eventlog::partition_of;
 use crate::model::TenantId;
-use crate::notify::channel::{Channel, ChannelSpec, SigningSecret};
+use crate::notify::channel::{Channel, ChannelSpec, SigningSecret, Target};
 use crate::plugins::registry::{Disabled, PluginKind, PluginRecord, PluginVersion};
 use crate::rules::alert::Silence;
 use crate::rules::compiled::{Rule, RuleSet, TenantRules};
@@ -153,6 +153,8 @@ pub enum CommandResult {
     PluginKindConflict,
     /// Rules that still use the plugin.
     PluginInUse(Vec<Uuid>),
+    /// Channels that still render with the (notifier) plugin.
+    PluginUsedByChannels(Vec<Uuid>),
     ChannelNotFound,
     ChannelLimit(usize),
     ChannelNameTaken,
@@ -283,6 +285,16 @@ impl ControlView {
             .into_iter()
             .filter(|r| r.spec.actions.iter().any(|a| a.get("channel_id").and_then(|c| c.as_str()) == Some(&id)))
             .map(|r| r.id)
+            .collect()
+    }
+
+    /// The tenant's `plugin` channels that render with a notifier plugin.
+    pub fn channels_using(&self, tenant: TenantId, plugin: &PluginRecord) -> Vec<Uuid> {
+        let id = plugin.id.to_string();
+        self.channels_of(tenant)
+            .into_iter()
+            .filter(|c| matches!(&c.target, Target::Plugin { plugin: p, .. } if *p == plugin.name || *p == id))
+            .map(|c| c.id)
             .collect()
     }
 
@@ -431,6 +443,10 @@ impl ControlView {
                 let users = self.rules_using(*tenant_id, p);
                 if !users.is_empty() {
                     return CommandResult::PluginInUse(users);
+                }
+                let channels = self.channels_using(*tenant_id, p);
+                if !channels.is_empty() {
+                    return CommandResult::PluginUsedByChannels(channels);
                 }
                 self.state.plugins.remove(plugin_id);
                 self.recompile(*tenant_id);

@@ -37,6 +37,23 @@ pub enum Target {
     },
     /// An email through the node's SMTP server.
     Email { to: Vec<String> },
+    /// A notifier plugin renders the request; the node checks it against `allowed_hosts`,
+    /// adds `headers` (which the plugin never sees) and sends it.
+    Plugin {
+        /// The tenant's notifier plugin, by id or name.
+        plugin: String,
+        /// A version of it; the newest when unset.
+        #[serde(default)]
+        version: Option<String>,
+        /// Handed to the plugin's `render` with every notification.
+        #[serde(default)]
+        config: Value,
+        /// Hosts the rendered request may go to (`hooks.example.com`, `*.example.com`).
+        allowed_hosts: Vec<String>,
+        /// Secret headers the node adds to the rendered request.
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+    },
 }
 
 impl Target {
@@ -46,8 +63,20 @@ impl Target {
             Target::Slack { .. } => "slack",
             Target::Telegram { .. } => "telegram",
             Target::Email { .. } => "email",
+            Target::Plugin { .. } => "plugin",
         }
     }
+}
+
+/// True when `host` is one of the allowed hosts (`*.example.com` matches subdomains only).
+pub fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    allowed.iter().any(|a| match a.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1 && host.ends_with(suffix) && host[..host.len() - suffix.len()].ends_with('.')
+        }
+        None => *a == host,
+    })
 }
 
 /// How deliveries to a channel are attempted.
@@ -145,6 +174,15 @@ impl Channel {
             Target::Email { to } => {
                 v.insert("to".into(), Value::from(to.clone()));
             }
+            Target::Plugin { plugin, version, config, allowed_hosts, headers } => {
+                v.insert("plugin".into(), Value::String(plugin.clone()));
+                v.insert("version".into(), version.clone().map(Value::String).unwrap_or(Value::Null));
+                v.insert("config".into(), config.clone());
+                v.insert("allowed_hosts".into(), Value::from(allowed_hosts.clone()));
+                let masked: Map<String, Value> =
+                    headers.keys().map(|k| (k.clone(), Value::String("***".into()))).collect();
+                v.insert("headers".into(), Value::Object(masked));
+            }
         }
         let d = &self.delivery;
         v.insert("retry_schedule_secs".into(), Value::from(d.retry_schedule_secs.clone()));
@@ -194,6 +232,8 @@ const MAX_URL_CHARS: usize = 2048;
 const MAX_HEADERS: usize = 32;
 const MAX_HEADER_VALUE_CHARS: usize = 1024;
 const MAX_RECIPIENTS: usize = 20;
+const MAX_ALLOWED_HOSTS: usize = 16;
+const MAX_CONFIG_BYTES: usize = 16 * 1024;
 const MAX_RETRIES: usize = 20;
 /// The longest single retry delay, seconds (one day).
 const MAX_RETRY_DELAY_SECS: u64 = 86_400;
@@ -226,6 +266,10 @@ pub fn parse_channel(body: &Value) -> Result<ChannelSpec, FieldError> {
             "chat_id",
             "api_base_url",
             "to",
+            "plugin",
+            "version",
+            "config",
+            "allowed_hosts",
             "retry_schedule_secs",
             "timeout_secs",
             "max_concurrency",
@@ -238,18 +282,30 @@ pub fn parse_channel(body: &Value) -> Result<ChannelSpec, FieldError> {
     };
     let kind = match member(obj, "kind") {
         Some(k) => string(k, "kind")?,
-        None => return Err(FieldError::new("kind", "required: webhook, slack, telegram or email")),
+        None => return Err(FieldError::new("kind", "required: webhook, slack, telegram, email or plugin")),
     };
     let allowed_for = |kind: &str| -> &'static [&'static str] {
         match kind {
             "webhook" => &["url", "headers"],
             "slack" => &["url"],
             "telegram" => &["bot_token", "chat_id", "api_base_url"],
+            "plugin" => &["plugin", "version", "config", "allowed_hosts", "headers"],
             _ => &["to"],
         }
     };
-    let target_members = ["url", "headers", "bot_token", "chat_id", "api_base_url", "to"];
-    if matches!(kind, "webhook" | "slack" | "telegram" | "email") {
+    let target_members = [
+        "url",
+        "headers",
+        "bot_token",
+        "chat_id",
+        "api_base_url",
+        "to",
+        "plugin",
+        "version",
+        "config",
+        "allowed_hosts",
+    ];
+    if matches!(kind, "webhook" | "slack" | "telegram" | "email" | "plugin") {
         if let Some(k) = target_members.iter().find(|k| member(obj, k).is_some() && !allowed_for(kind).contains(k)) {
             return Err(FieldError::new(*k, format!("not a member of a `{kind}` channel")));
         }
@@ -294,10 +350,54 @@ pub fn parse_channel(body: &Value) -> Result<ChannelSpec, FieldError> {
             }
             Target::Email { to }
         }
+        "plugin" => {
+            let plugin = match member(obj, "plugin").map(|v| string(v, "plugin")).transpose()? {
+                Some(p) if !p.is_empty() && p.len() <= MAX_NAME_CHARS => p.to_owned(),
+                _ => return Err(FieldError::new("plugin", "required: the id or name of a notifier plugin")),
+            };
+            let version = member(obj, "version").map(|v| string(v, "version").map(str::to_owned)).transpose()?;
+            let config = match member(obj, "config") {
+                None => Value::Object(Map::new()),
+                Some(c) => {
+                    object(c, "config")?;
+                    if c.to_string().len() > MAX_CONFIG_BYTES {
+                        return Err(FieldError::new(
+                            "config",
+                            format!("must be at most {MAX_CONFIG_BYTES} bytes of JSON"),
+                        ));
+                    }
+                    c.clone()
+                }
+            };
+            let Some(hosts) = member(obj, "allowed_hosts") else {
+                return Err(FieldError::new("allowed_hosts", "required: the hosts the plugin's requests may go to"));
+            };
+            let items = array(hosts, "allowed_hosts", MAX_ALLOWED_HOSTS)?;
+            if items.is_empty() {
+                return Err(FieldError::new("allowed_hosts", "needs at least one host"));
+            }
+            let mut allowed_hosts = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("allowed_hosts[{i}]");
+                let h = string(item, &path)?.to_ascii_lowercase();
+                let bare = h.strip_prefix("*.").unwrap_or(&h);
+                let valid = !bare.is_empty()
+                    && bare.len() <= 253
+                    && bare.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b':');
+                if !valid {
+                    return Err(FieldError::new(
+                        path,
+                        "must be a host name (`hooks.example.com`, `*.example.com`) or an address",
+                    ));
+                }
+                allowed_hosts.push(h);
+            }
+            Target::Plugin { plugin, version, config, allowed_hosts, headers: headers(member(obj, "headers"))? }
+        }
         other => {
             return Err(FieldError::new(
                 "kind",
-                format!("`{other}` is not a channel kind; use webhook, slack, telegram or email"),
+                format!("`{other}` is not a channel kind; use webhook, slack, telegram, email or plugin"),
             ))
         }
     };
@@ -442,6 +542,32 @@ mod tests {
         for (body, field) in cases {
             assert_eq!(err(body.clone()), field, "{body}");
         }
+    }
+
+    #[test]
+    fn plugin_channels_and_allowed_hosts() {
+        let p = parse_channel(&json!({"kind": "plugin", "name": "cards", "plugin": "chat-card",
+            "config": {"url": "https://chat.example/h"}, "allowed_hosts": ["chat.example", "*.Hooks.example"],
+            "headers": {"Authorization": "Bearer s3cret"}}))
+        .unwrap();
+        let Target::Plugin { allowed_hosts, headers, .. } = &p.target else { panic!("{p:?}") };
+        assert_eq!(allowed_hosts, &["chat.example", "*.hooks.example"]);
+        assert_eq!(headers["authorization"], "Bearer s3cret");
+        assert!(host_allowed(allowed_hosts, "chat.example"));
+        assert!(host_allowed(allowed_hosts, "eu.hooks.example"));
+        assert!(!host_allowed(allowed_hosts, "hooks.example"));
+        assert!(!host_allowed(allowed_hosts, "evilhooks.example"));
+        assert!(!host_allowed(allowed_hosts, "chat.example.evil"));
+        assert_eq!(err(json!({"kind": "plugin", "name": "x", "allowed_hosts": ["a"]})), "plugin");
+        assert_eq!(err(json!({"kind": "plugin", "name": "x", "plugin": "p"})), "allowed_hosts");
+        assert_eq!(
+            err(json!({"kind": "plugin", "name": "x", "plugin": "p", "allowed_hosts": ["a/b"]})),
+            "allowed_hosts[0]"
+        );
+        assert_eq!(
+            err(json!({"kind": "plugin", "name": "x", "plugin": "p", "allowed_hosts": ["a"], "config": []})),
+            "config"
+        );
     }
 
     #[test]

@@ -11,11 +11,12 @@ use lettre::message::{header::ContentType, Mailbox};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde_json::{json, Value};
 
-use super::channel::{Channel, Target};
+use super::channel::{host_allowed, Channel, Target};
 use super::egress::{EgressPolicy, GuardedResolver};
 use super::sign::signature_header;
 use super::template::Message;
 use crate::config::NotifyConfig;
+use crate::plugins::PluginRequest;
 
 /// Bytes of a response body kept in the delivery log.
 const RESPONSE_EXCERPT_BYTES: usize = 1024;
@@ -36,7 +37,7 @@ impl Outcome {
         self.error.is_none() && self.status_code.is_none_or(|c| (200..300).contains(&c))
     }
 
-    fn failed(started: Instant, error: String) -> Outcome {
+    pub(crate) fn failed(started: Instant, error: String) -> Outcome {
         Outcome { status_code: None, latency: started.elapsed(), response: None, error: Some(error), gone: false }
     }
 }
@@ -47,7 +48,15 @@ pub struct Outgoing<'a> {
     /// The JSON body of a webhook (Standard Webhooks `{"type", "timestamp", "data"}`).
     pub payload: &'a Value,
     pub message: &'a Message,
+    /// What a `plugin` channel's notifier rendered.
+    pub request: Option<&'a PluginRequest>,
 }
+
+/// Largest body a notifier plugin may ask the node to send, bytes.
+const MAX_PLUGIN_BODY_BYTES: usize = 256 * 1024;
+const MAX_PLUGIN_HEADERS: usize = 32;
+/// Headers only the node sets on a plugin's request.
+const PLUGIN_RESERVED_HEADERS: [&str; 5] = ["host", "content-length", "transfer-encoding", "connection", "user-agent"];
 
 pub struct Outbound {
     http: reqwest::Client,
@@ -134,7 +143,69 @@ impl Outbound {
                 o
             }
             Target::Email { to } => self.email(to, out.message, started).await,
+            Target::Plugin { allowed_hosts, headers, .. } => match out.request {
+                Some(r) => self.plugin_request(r, allowed_hosts, headers, started).await,
+                None => Outcome::failed(started, "the notifier rendered no request".into()),
+            },
         }
+    }
+
+    /// Checks a notifier's request (method, allowed host, headers, size), adds the channel's
+    /// secret headers and sends it.
+    async fn plugin_request(
+        &self,
+        r: &PluginRequest,
+        allowed: &[String],
+        secret_headers: &std::collections::BTreeMap<String, String>,
+        started: Instant,
+    ) -> Outcome {
+        let refuse = |why: String| Outcome::failed(started, format!("the notifier's request was refused: {why}"));
+        let method = match r.method.as_str() {
+            "POST" => reqwest::Method::POST,
+            "PUT" => reqwest::Method::PUT,
+            "PATCH" => reqwest::Method::PATCH,
+            other => return refuse(format!("method `{other}` (POST, PUT or PATCH)")),
+        };
+        let url = match reqwest::Url::parse(&r.url) {
+            Ok(u) => u,
+            Err(e) => return refuse(format!("URL `{}`: {e}", r.url)),
+        };
+        let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        if !host_allowed(allowed, host) {
+            return refuse(format!("host `{host}` is not in the channel's allowed_hosts"));
+        }
+        if r.body.len() > MAX_PLUGIN_BODY_BYTES {
+            return refuse(format!("the body is {} bytes; the limit is {MAX_PLUGIN_BODY_BYTES}", r.body.len()));
+        }
+        if r.headers.len() > MAX_PLUGIN_HEADERS {
+            return refuse(format!("more than {MAX_PLUGIN_HEADERS} headers"));
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &r.headers {
+            let name = k.to_ascii_lowercase();
+            if PLUGIN_RESERVED_HEADERS.contains(&name.as_str()) {
+                return refuse(format!("header `{k}` is set by the node"));
+            }
+            match (reqwest::header::HeaderName::from_bytes(name.as_bytes()), reqwest::header::HeaderValue::from_str(v))
+            {
+                (Ok(n), Ok(v)) => {
+                    headers.insert(n, v);
+                }
+                _ => return refuse(format!("header `{k}` is not a valid header")),
+            }
+        }
+        for (k, v) in secret_headers {
+            if let (Ok(n), Ok(v)) =
+                (reqwest::header::HeaderName::from_bytes(k.as_bytes()), reqwest::header::HeaderValue::from_str(v))
+            {
+                headers.insert(n, v);
+            }
+        }
+        if let Err(e) = self.egress.check_url(&url) {
+            return Outcome::failed(started, e);
+        }
+        let req = self.http.request(method, url).headers(headers).body(r.body.clone());
+        self.finish(req, started).await
     }
 
     async fn post(&self, url: &str, body: Vec<u8>, headers: &[(&str, String)], started: Instant) -> Outcome {
@@ -149,6 +220,11 @@ impl Outbound {
         for (k, v) in headers {
             req = req.header(*k, v.as_str());
         }
+        self.finish(req, started).await
+    }
+
+    /// Sends a request and reads the status and an excerpt of the answer.
+    async fn finish(&self, req: reqwest::RequestBuilder, started: Instant) -> Outcome {
         let mut resp = match req.send().await {
             Ok(r) => r,
             Err(e) => return Outcome::failed(started, describe(&e)),

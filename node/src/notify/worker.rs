@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::channel::Channel;
+use super::channel::{Channel, Target};
 use super::delivery::{webhook_id, Attempt, DeliveryRecord, DeliveryStatus, Job, Transition};
 use super::queue::JobQueue;
 use super::send::{Outbound, Outcome, Outgoing};
@@ -42,8 +42,10 @@ use super::template::{self, parse_template, Message, MessageTemplate};
 use crate::cluster::state::Command;
 use crate::cluster::ControlPlane;
 use crate::config::NotifyConfig;
-use crate::model::{format_ms, now_ms};
-use crate::plugins::registry::Disabled;
+use crate::model::{format_ms, now_ms, StoredEvent};
+use crate::plugins::registry::{parse_digest, Disabled, PluginKind};
+use crate::plugins::{CallReport, PluginHost, PluginRequest};
+use crate::processor::PluginServices;
 use crate::rules::alert::{alert_id, Alert, AlertKind, AlertState};
 use crate::rules::spec::Severity;
 use crate::store::EventStore;
@@ -94,6 +96,9 @@ pub struct Notifier {
     cfg: NotifyConfig,
     lanes: Mutex<HashMap<Uuid, Arc<Lane>>>,
     records: mpsc::Sender<(DeliveryRecord, oneshot::Sender<bool>)>,
+    plugins: PluginServices,
+    /// Notifier plugin instances of this node (calls are short; one at a time).
+    notifiers: Arc<Mutex<PluginHost>>,
 }
 
 impl Notifier {
@@ -102,12 +107,24 @@ impl Notifier {
         store: Arc<dyn EventStore>,
         queue: JobQueue,
         cfg: NotifyConfig,
+        plugins: PluginServices,
         tracker: &TaskTracker,
     ) -> anyhow::Result<Arc<Notifier>> {
         let outbound = Outbound::new(&cfg)?;
         let (records, rx) = mpsc::channel(4096);
         tracker.spawn(write_records(store.clone(), rx));
-        Ok(Arc::new(Notifier { control, store, queue, outbound, cfg, lanes: Mutex::new(HashMap::new()), records }))
+        let notifiers = Arc::new(Mutex::new(PluginHost::new(plugins.runtime.clone())));
+        Ok(Arc::new(Notifier {
+            control,
+            store,
+            queue,
+            outbound,
+            cfg,
+            lanes: Mutex::new(HashMap::new()),
+            records,
+            plugins,
+            notifiers,
+        }))
     }
 
     pub fn queue(&self) -> &JobQueue {
@@ -269,12 +286,11 @@ impl Notifier {
         if let Some(limiter) = &lane.limiter {
             limiter.until_ready().await;
         }
-        let message = self.render(&record.job, &channel).await;
+        let (message, event) = self.render(&record.job, &channel).await;
         let payload = payload(&record.job, &message);
         let wid = webhook_id(&id);
-        let outgoing = Outgoing { webhook_id: &wid, payload: &payload, message: &message };
         let started = now_ms();
-        let outcome = self.outbound.send(&channel, &outgoing, started).await;
+        let outcome = self.attempt(&record.job, &channel, &message, event.as_ref(), &payload, &wid, started).await;
         let kind = channel.target.kind();
         metrics::histogram!(telemetry::NOTIFY_ATTEMPT_DURATION, "kind" => kind).record(outcome.latency.as_secs_f64());
         let ok = outcome.succeeded();
@@ -373,14 +389,11 @@ impl Notifier {
     }
 
     /// The message for a job: its action's template over the alert, the newest triggering
-    /// event and the channel.
-    async fn render(&self, job: &Job, channel: &Channel) -> Message {
+    /// event (returned too, when the store has it) and the channel.
+    async fn render(&self, job: &Job, channel: &Channel) -> (Message, Option<StoredEvent>) {
         let event = match job.alert.event_ids.last() {
-            Some(id) => match self.store.get_event(job.tenant_id, id).await {
-                Ok(Some(ev)) => serde_json::to_value(ev.view()).unwrap_or(Value::Null),
-                _ => Value::Null,
-            },
-            None => Value::Null,
+            Some(id) => self.store.get_event(job.tenant_id, id).await.ok().flatten(),
+            None => None,
         };
         let tpl = match &job.template {
             Some(t) => parse_template(Some(t), "template").unwrap_or_default(),
@@ -388,23 +401,100 @@ impl Notifier {
         };
         let context = json!({
             "alert": job.alert.view(None),
-            "event": event,
+            "event": event.as_ref().map(|e| serde_json::to_value(e.view()).unwrap_or(Value::Null)),
             "channel": {"id": channel.id, "name": channel.name},
         });
-        template::render(&tpl, &context)
+        (template::render(&tpl, &context), event)
+    }
+
+    /// One attempt: a `plugin` channel's notifier renders the request first.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        job: &Job,
+        channel: &Channel,
+        message: &Message,
+        event: Option<&StoredEvent>,
+        payload: &Value,
+        wid: &str,
+        now: i64,
+    ) -> Outcome {
+        let request = match &channel.target {
+            Target::Plugin { plugin, version, config, .. } => {
+                match self.render_plugin(job, channel, plugin, version.as_deref(), config, message, event, wid).await {
+                    Ok(r) => Some(r),
+                    Err(e) => return Outcome::failed(std::time::Instant::now(), e),
+                }
+            }
+            _ => None,
+        };
+        let outgoing = Outgoing { webhook_id: wid, payload, message, request: request.as_ref() };
+        self.outbound.send(channel, &outgoing, now).await
+    }
+
+    /// Calls the channel's notifier plugin; the error says why no request came out.
+    #[allow(clippy::too_many_arguments)]
+    async fn render_plugin(
+        &self,
+        job: &Job,
+        channel: &Channel,
+        plugin: &str,
+        version: Option<&str>,
+        config: &Value,
+        message: &Message,
+        event: Option<&StoredEvent>,
+        wid: &str,
+    ) -> Result<PluginRequest, String> {
+        let tenant = channel.tenant_id;
+        let (plugin_id, digest) = {
+            let view = self.control.read();
+            let p = view
+                .plugins_of(tenant)
+                .into_iter()
+                .find(|p| p.kind == PluginKind::Notifier && (p.name == plugin || p.id.to_string() == plugin))
+                .ok_or_else(|| format!("the tenant has no notifier plugin `{plugin}`"))?;
+            let v = p.version(version).ok_or_else(|| format!("notifier `{plugin}` has no version {version:?}"))?;
+            (p.id, parse_digest(&v.sha256).ok_or_else(|| format!("notifier `{plugin}` has a corrupt digest"))?)
+        };
+        crate::plugins::store::ensure_loaded(&self.plugins.runtime, &self.plugins.modules, tenant, &digest).await?;
+        let input = render_input(job, channel, config, message, event, wid)
+            .map_err(|e| format!("cannot encode the notifier input: {e}"))?;
+        let host = self.notifiers.clone();
+        let started = std::time::Instant::now();
+        let (result, fuel_used, logs) = tokio::task::spawn_blocking(move || {
+            let mut host = match host.lock() {
+                Ok(h) => h,
+                Err(p) => p.into_inner(),
+            };
+            host.render(tenant, &digest, &input)
+        })
+        .await
+        .map_err(|e| format!("notifier task: {e}"))?;
+        let outcome = match &result {
+            Ok(_) => crate::plugins::Outcome::Decision(crate::plugins::Decision {
+                fire: true,
+                severity: None,
+                title: None,
+                labels: Default::default(),
+                fields: Default::default(),
+            }),
+            Err(f) => crate::plugins::Outcome::Failure(f.clone()),
+        };
+        let report = CallReport { outcome, fuel_used, micros: started.elapsed().as_micros() as u64, logs };
+        // Notifier calls show in the plugin's health; failures do not disable the plugin (the
+        // channel's retries and disabling apply).
+        self.plugins.stats.record(tenant, plugin_id, &report, now_ms(), u32::MAX);
+        result.map_err(|f| format!("notifier `{plugin}` failed ({}): {}", f.kind.as_str(), f.message))
     }
 
     /// Sends a sample alert to a channel now, outside the job stream (`POST /v1/channels/{id}/test`).
     pub async fn send_test(&self, channel: &Channel) -> (Attempt, String) {
         let now = now_ms();
         let job = sample_job(channel, now);
-        let message = self.render(&job, channel).await;
+        let (message, event) = self.render(&job, channel).await;
         let payload = payload(&job, &message);
         let wid = webhook_id(&job.delivery_id);
-        let outcome = self
-            .outbound
-            .send(channel, &Outgoing { webhook_id: &wid, payload: &payload, message: &message }, now)
-            .await;
+        let outcome = self.attempt(&job, channel, &message, event.as_ref(), &payload, &wid, now).await;
         (attempt(&outcome, now, 0), wid)
     }
 }
@@ -446,6 +536,47 @@ fn payload(job: &Job, message: &Message) -> Value {
             "message": {"title": message.title, "body": message.body},
         },
     })
+}
+
+/// The input map of a notifier's `render` (see ABI.md, "Notifier plugins").
+fn render_input(
+    job: &Job,
+    channel: &Channel,
+    config: &Value,
+    message: &Message,
+    event: Option<&StoredEvent>,
+    wid: &str,
+) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    let a = &job.alert;
+    let state = match job.transition {
+        Transition::Firing => "firing",
+        Transition::Resolved => "resolved",
+    };
+    let alert = json!({
+        "id": a.id.to_string(), "rule_id": a.rule_id.to_string(), "rule_version": a.rule_version,
+        "rule_name": a.rule_name, "kind": a.kind, "severity": a.severity, "state": state, "title": a.title,
+        "value": a.value, "threshold": a.threshold, "labels": a.labels, "group": a.group, "details": a.details,
+        "fired_at_ms": a.fired_at_ms, "resolved_at_ms": a.resolved_at_ms, "event_ids": a.event_ids,
+    });
+    let event = event.map(|e| {
+        let r = &e.record;
+        json!({
+            "id": r.id, "tenant_id": r.tenant_id.to_string(), "type": r.event_type, "source": r.source,
+            "user_id": r.user_id, "session_id": r.session_id, "occurred_at_ms": r.occurred_at_ms,
+            "received_at_ms": r.received_at_ms, "payload": r.payload,
+        })
+    });
+    let input = json!({
+        "abi": 1,
+        "type": job.transition.event_type(),
+        "alert": alert,
+        "message": {"title": message.title, "body": message.body},
+        "event": event,
+        "channel": {"id": channel.id.to_string(), "name": channel.name},
+        "config": config,
+        "webhook_id": wid,
+    });
+    rmp_serde::to_vec_named(&input)
 }
 
 fn sample_job(channel: &Channel, now: i64) -> Job {

@@ -9,5 +9,5 @@ pub mod stats;
 pub mod store;
 
 pub use registry::{PluginKind, PluginRecord, PluginVersion};
-pub use runtime::{CallReport, Decision, Digest, FailureKind, Outcome, PluginHost, PluginRuntime};
+pub use runtime::{CallReport, Decision, Digest, FailureKind, Outcome, PluginHost, PluginRequest, PluginRuntime};
 pub use stats::PluginStatsRegistry;

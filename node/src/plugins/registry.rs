@@ -15,6 +15,8 @@ pub const OBJECT_BUCKET: &str = "SIGNALOPS_PLUGINS";
 pub enum PluginKind {
     /// Exports `evaluate`: decides whether a rule fires for an event.
     Rule,
+    /// Exports `render`: turns an alert notification into an HTTP request (a `plugin` channel).
+    Notifier,
 }
 
 /// One uploaded module of a plugin.

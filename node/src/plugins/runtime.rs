@@ -1,6 +1,7 @@
 //! The wasmtime side of ABI v1: module validation and compilation (at upload), instances kept
-//! per (tenant, module) in each partition engine, one `evaluate` call with its limits, and the
-//! classification of what went wrong.
+//! per (tenant, module) in each partition engine (and in the notification workers), one
+//! `evaluate` (rule) or `render` (notifier) call with its limits, and the classification of
+//! what went wrong.
 //!
 //! Limits: fuel per call (deterministic, so a replay after a crash makes the same decisions; an
 //! epoch deadline would not), a linear-memory cap per instance (a `ResourceLimiter`), an output
@@ -19,6 +20,7 @@ use wasmtime::{
     ValType,
 };
 
+use super::registry::PluginKind;
 use super::state::{PluginState, StateLimits};
 use crate::config::PluginsConfig;
 use crate::model::{EventRecord, TenantId};
@@ -47,6 +49,25 @@ const IMPORTS: &[(&str, &str, &str)] = &[
 /// Exports every rule plugin has: name, parameters, results.
 const RULE_EXPORTS: &[(&str, &str, &str)] =
     &[(ABI_MARKER, "", "i"), ("signalops_alloc", "i", "i"), ("evaluate", "ii", "I")];
+/// Exports every notifier plugin has.
+const NOTIFIER_EXPORTS: &[(&str, &str, &str)] =
+    &[(ABI_MARKER, "", "i"), ("signalops_alloc", "i", "i"), ("render", "ii", "I")];
+
+/// What a module is, by its entry point: `evaluate` makes a rule plugin, `render` a notifier.
+pub fn kind_of(module: &Module) -> Option<PluginKind> {
+    match (module.get_export("evaluate").is_some(), module.get_export("render").is_some()) {
+        (true, false) => Some(PluginKind::Rule),
+        (false, true) => Some(PluginKind::Notifier),
+        _ => None,
+    }
+}
+
+fn entry_name(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::Rule => "evaluate",
+        PluginKind::Notifier => "render",
+    }
+}
 
 /// Fuel a host call costs before counting the bytes it moves.
 const HOST_CALL_FUEL: u64 = 200;
@@ -345,6 +366,7 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
 pub struct Validated {
     pub digest: Digest,
     pub module: Module,
+    pub kind: PluginKind,
 }
 
 /// Hex form of a digest.
@@ -391,11 +413,12 @@ impl PluginRuntime {
         }
         let digest: Digest = sha2::Sha256::digest(bytes).into();
         if let Some(module) = self.module(&digest) {
-            return Ok(Validated { digest, module });
+            let kind = check_interface(&module)?;
+            return Ok(Validated { digest, module, kind });
         }
         let module = Module::new(&self.engine, bytes)
             .map_err(|e| Rejection::new(422, "invalid_module", format!("the module does not validate: {e:#}")))?;
-        check_interface(&module)?;
+        let kind = check_interface(&module)?;
         // Instantiate once: runs the start function under the limits and checks the marker.
         let mut store = self.new_store();
         let version = (|| -> wasmtime::Result<i32> {
@@ -422,7 +445,7 @@ impl PluginRuntime {
         if let Ok(mut m) = self.modules.lock() {
             m.insert(digest, module.clone());
         }
-        Ok(Validated { digest, module })
+        Ok(Validated { digest, module, kind })
     }
 
     fn new_store(&self) -> Store<HostCtx> {
@@ -439,8 +462,8 @@ impl PluginRuntime {
     }
 }
 
-/// Checks imports and exports against ABI v1.
-fn check_interface(module: &Module) -> Result<(), Rejection> {
+/// Checks imports and exports against ABI v1; the entry point decides the module's kind.
+fn check_interface(module: &Module) -> Result<PluginKind, Rejection> {
     for imp in module.imports() {
         let what = format!("{}.{}", imp.module(), imp.name());
         if imp.module() != IMPORT_MODULE {
@@ -474,7 +497,18 @@ fn check_interface(module: &Module) -> Result<(), Rejection> {
             ))
         }
     }
-    for (name, p, r) in RULE_EXPORTS {
+    let Some(kind) = kind_of(module) else {
+        return Err(Rejection::new(
+            422,
+            "missing_export",
+            "the module must export exactly one entry point: `evaluate` (a rule plugin, built with `export_rule!`) or `render` (a notifier, built with `export_notifier!`)",
+        ));
+    };
+    let exports = match kind {
+        PluginKind::Rule => RULE_EXPORTS,
+        PluginKind::Notifier => NOTIFIER_EXPORTS,
+    };
+    for (name, p, r) in exports {
         match module.get_export(name) {
             Some(ExternType::Func(ft)) if sig(ft.params(), ft.results()) == (p.to_string(), r.to_string()) => {}
             Some(_) => {
@@ -484,12 +518,14 @@ fn check_interface(module: &Module) -> Result<(), Rejection> {
                 return Err(Rejection::new(
                     422,
                     "missing_export",
-                    format!("the module does not export `{name}` (built without `export_rule!`?)"),
+                    format!(
+                        "the module does not export `{name}` (built without `export_rule!` or `export_notifier!`?)"
+                    ),
                 ))
             }
         }
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// Sorts an error from wasmtime into a failure kind.
@@ -506,7 +542,8 @@ struct Live {
     store: Store<HostCtx>,
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
-    evaluate: TypedFunc<(i32, i32), i64>,
+    /// `evaluate` or `render`.
+    entry: TypedFunc<(i32, i32), i64>,
 }
 
 /// What a call is about.
@@ -538,6 +575,9 @@ impl PluginHost {
 
     fn instantiate(&self, module: &Module) -> Result<Live, Failure> {
         let mut store = self.runtime.new_store();
+        let Some(kind) = kind_of(module) else {
+            return Err(failure(FailureKind::Unavailable, "the module has no entry point"));
+        };
         type Parts = (Memory, TypedFunc<i32, i32>, TypedFunc<(i32, i32), i64>);
         let r = (|| -> wasmtime::Result<Parts> {
             store.set_fuel(self.runtime.limits.fuel_per_call)?;
@@ -546,13 +586,63 @@ impl PluginHost {
                 .get_memory(&mut store, "memory")
                 .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
             let alloc = instance.get_typed_func::<i32, i32>(&mut store, "signalops_alloc")?;
-            let evaluate = instance.get_typed_func::<(i32, i32), i64>(&mut store, "evaluate")?;
-            Ok((memory, alloc, evaluate))
+            let entry = instance.get_typed_func::<(i32, i32), i64>(&mut store, entry_name(kind))?;
+            Ok((memory, alloc, entry))
         })();
         match r {
-            Ok((memory, alloc, evaluate)) => Ok(Live { store, memory, alloc, evaluate }),
+            Ok((memory, alloc, entry)) => Ok(Live { store, memory, alloc, entry }),
             Err(e) => Err(classify(&e, store.data().memory_denied)),
         }
+    }
+
+    /// The live instance of a tenant's module, created when needed (within the instance limit).
+    fn live(&mut self, key: (TenantId, Digest)) -> Result<&mut Live, (Failure, u64)> {
+        let limits = self.runtime.limits;
+        if !self.instances.contains_key(&key) {
+            let Some(module) = self.runtime.module(&key.1) else {
+                return Err((failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"), 0));
+            };
+            let live = self.instantiate(&module).map_err(|f| (f, limits.fuel_per_call))?;
+            if self.instances.len() >= limits.max_instances {
+                // Bounded: drop an arbitrary instance; it is rebuilt when needed.
+                if let Some(k) = self.instances.keys().next().copied() {
+                    self.instances.remove(&k);
+                }
+            }
+            self.instances.insert(key, live);
+        }
+        self.instances.get_mut(&key).ok_or_else(|| (failure(FailureKind::Unavailable, "no instance"), 0))
+    }
+
+    /// Calls a notifier plugin's `render` with an encoded input (see `notify::plugin`). A
+    /// notifier has no state: host state calls see an empty state that the call drops.
+    pub fn render(
+        &mut self,
+        tenant: TenantId,
+        digest: &Digest,
+        input: &[u8],
+    ) -> (Result<PluginRequest, Failure>, u64, Vec<LogLine>) {
+        let limits = self.runtime.limits;
+        let key = (tenant, *digest);
+        let live = match self.live(key) {
+            Ok(l) => l,
+            Err((f, fuel)) => return (Err(f), fuel, Vec::new()),
+        };
+        {
+            let ctx = live.store.data_mut();
+            ctx.state = PluginState::default();
+            ctx.now_ms = 0;
+            ctx.logs.clear();
+            ctx.memory_denied = false;
+        }
+        let result = call(live, input, limits, decode_request);
+        let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
+        let logs = std::mem::take(&mut live.store.data_mut().logs);
+        live.store.data_mut().state = PluginState::default();
+        if result.as_ref().is_err_and(|f| f.kind != FailureKind::PluginError) {
+            self.instances.remove(&key);
+        }
+        (result, fuel_used, logs)
     }
 
     /// Calls a rule plugin for one event, with `state` (the rule's plugin state) available to
@@ -567,30 +657,8 @@ impl PluginHost {
         let started = Instant::now();
         let limits = self.runtime.limits;
         let key = (tenant, *digest);
-        if !self.instances.contains_key(&key) {
-            let Some(module) = self.runtime.module(digest) else {
-                return report(
-                    Outcome::Failure(failure(
-                        FailureKind::Unavailable,
-                        "the plugin's module is not loaded on this node",
-                    )),
-                    0,
-                    started,
-                    Vec::new(),
-                );
-            };
-            match self.instantiate(&module) {
-                Ok(live) => {
-                    if self.instances.len() >= limits.max_instances {
-                        // Bounded: drop an arbitrary instance; it is rebuilt when needed.
-                        if let Some(k) = self.instances.keys().next().copied() {
-                            self.instances.remove(&k);
-                        }
-                    }
-                    self.instances.insert(key, live);
-                }
-                Err(f) => return report(Outcome::Failure(f), limits.fuel_per_call, started, Vec::new()),
-            }
+        if let Err((f, fuel)) = self.live(key) {
+            return report(Outcome::Failure(f), fuel, started, Vec::new());
         }
         encode_input(&mut self.buf, input);
         let Some(live) = self.instances.get_mut(&key) else {
@@ -603,7 +671,7 @@ impl PluginHost {
             ctx.logs.clear();
             ctx.memory_denied = false;
         }
-        let result = call(live, &self.buf, limits);
+        let result = call(live, &self.buf, limits, decode_output);
         let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let logs = std::mem::take(&mut live.store.data_mut().logs);
         std::mem::swap(&mut live.store.data_mut().state, state);
@@ -637,7 +705,12 @@ fn report(outcome: Outcome, fuel_used: u64, started: Instant, logs: Vec<LogLine>
     CallReport { outcome, fuel_used, micros: started.elapsed().as_micros() as u64, logs }
 }
 
-fn call(live: &mut Live, input: &[u8], limits: Limits) -> Result<Decision, Failure> {
+fn call<T>(
+    live: &mut Live,
+    input: &[u8],
+    limits: Limits,
+    decode: impl FnOnce(&[u8]) -> Result<T, Failure>,
+) -> Result<T, Failure> {
     let store = &mut live.store;
     let run = (|| -> wasmtime::Result<i64> {
         store.set_fuel(limits.fuel_per_call)?;
@@ -646,7 +719,7 @@ fn call(live: &mut Live, input: &[u8], limits: Limits) -> Result<Decision, Failu
         live.memory.write(&mut *store, ptr as u32 as usize, input).map_err(|_| {
             wasmtime::Error::msg(format!("signalops_alloc returned an out-of-bounds buffer {ptr}+{len}"))
         })?;
-        live.evaluate.call(&mut *store, (ptr, len))
+        live.entry.call(&mut *store, (ptr, len))
     })();
     let packed = match run {
         Ok(p) => p,
@@ -664,7 +737,69 @@ fn call(live: &mut Live, input: &[u8], limits: Limits) -> Result<Decision, Failu
     let Some(bytes) = ptr.checked_add(len).and_then(|end| data.get(ptr..end)) else {
         return Err(failure(FailureKind::BadOutput, format!("output {ptr}+{len} is outside the module's memory")));
     };
-    decode_output(bytes)
+    decode(bytes)
+}
+
+/// The HTTP request a notifier plugin rendered (checked by the sender before it goes out).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A body given as MessagePack bin or str.
+#[derive(Default)]
+struct RawBody(Vec<u8>);
+
+impl<'de> Deserialize<'de> for RawBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawBody, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes or a string")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<RawBody, E> {
+                Ok(RawBody(v.to_vec()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawBody, E> {
+                Ok(RawBody(v.as_bytes().to_vec()))
+            }
+            fn visit_unit<E>(self) -> Result<RawBody, E> {
+                Ok(RawBody::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawRequest {
+    method: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: RawBody,
+    error: Option<String>,
+}
+
+/// Reads a notifier's output map: `{"method", "url", "headers", "body"}` or `{"error"}`.
+pub fn decode_request(bytes: &[u8]) -> Result<PluginRequest, Failure> {
+    let raw: RawRequest = rmp_serde::from_slice(bytes)
+        .map_err(|e| failure(FailureKind::BadOutput, format!("output is not an ABI v1 request map: {e}")))?;
+    if let Some(msg) = raw.error {
+        return Err(failure(FailureKind::PluginError, msg));
+    }
+    let url = raw.url.ok_or_else(|| failure(FailureKind::BadOutput, "output has no `url`"))?;
+    Ok(PluginRequest {
+        method: raw.method.unwrap_or_else(|| "POST".into()).to_ascii_uppercase(),
+        url,
+        headers: raw.headers.into_iter().collect(),
+        body: raw.body.0,
+    })
 }
 
 /// Reads an ABI v1 output map.

@@ -840,8 +840,10 @@ fn push_recent(g: &mut GroupState, id: &Arc<str>) {
     g.recent.push_back(id.clone());
 }
 
+/// Without a cooldown every match fires, even one older than the last firing (events arrive
+/// out of order); with one, a match must come `cooldown` after the last firing.
 fn cooldown_over(rule: &CompiledRule, g: &GroupState, at: i64) -> bool {
-    g.last_fired_ms.is_none_or(|f| at.saturating_sub(f) >= rule.cooldown_ms)
+    rule.cooldown_ms == 0 || g.last_fired_ms.is_none_or(|f| at.saturating_sub(f) >= rule.cooldown_ms)
 }
 
 /// An event rule's open alert resolves once `cooldown` has passed since its last match.
@@ -1128,6 +1130,24 @@ mod tests {
                 assert_eq!(alerts[0].event_ids, ["e0", "e1", "e2"]);
             }
         }
+    }
+
+    #[test]
+    fn event_rules_without_cooldown_fire_for_every_match_in_any_order() {
+        let set = rules(&[json!({"name": "each", "event_types": ["payment.*"]})]);
+        let mut e = Engine::new(0, cfg());
+        let evs: Vec<EventRecord> =
+            [5, 3, 4, 3, 1].iter().enumerate().map(|(i, t)| event(&format!("e{i}"), t * S, json!({}))).collect();
+        let inputs = evs.iter().enumerate().map(|(i, r)| Input::Event { seq: i as u64 + 1, record: r }).collect();
+        let alerts = run(&mut e, &set, inputs);
+        let ids: std::collections::BTreeSet<Uuid> = alerts.iter().map(|a| a.id).collect();
+        assert_eq!(ids.len(), 5, "{alerts:?}");
+        // With a cooldown, an older match inside it does not fire again.
+        let set = rules(&[json!({"name": "cool", "event_types": ["payment.*"], "cooldown_seconds": 10})]);
+        let mut e = Engine::new(0, cfg());
+        let inputs = evs.iter().enumerate().map(|(i, r)| Input::Event { seq: i as u64 + 1, record: r }).collect();
+        let ids: std::collections::BTreeSet<Uuid> = run(&mut e, &set, inputs).iter().map(|a| a.id).collect();
+        assert_eq!(ids.len(), 1);
     }
 
     #[test]

@@ -527,3 +527,73 @@ async fn kill_9_during_delivery_delivers_after_restart() {
     assert_eq!(d["webhook_id"], got[0].header("webhook-id"));
     assert!(terminate(&mut child).success());
 }
+
+async fn upload_notifier(api: &Api, name: &str, module: Vec<u8>, kind: &str) -> (StatusCode, Value) {
+    let path = format!("/v1/plugins?name={name}&kind={kind}");
+    let (s, _, v) = api.post_raw(&path, &[("content-type", "application/wasm")], module).await;
+    (s, v)
+}
+
+/// A tenant's notifier plugin shapes the request; the node checks the host, adds the secret
+/// headers the plugin never sees, sends it and logs the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_plugin_renders_the_request_and_the_node_sends_it() {
+    let s = Setup::with(allow_loopback).await;
+    let rx = Receiver::start().await;
+    let module = crate::plugins::built("chat-card");
+    // The kind must match the module's entry point.
+    let (status, v) = upload_notifier(&s.api, "chat-card", module.clone(), "rule").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["field"], "kind");
+    let (status, v) = upload_notifier(&s.api, "chat-card", module, "notifier").await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["kind"], "notifier");
+    // A rule cannot use a notifier.
+    let bad_rule = json!({"name": "x", "event_types": ["x"], "plugin": {"id": "chat-card"}});
+    assert_eq!(s.api.post("/v1/rules", &bad_rule).await.0, StatusCode::BAD_REQUEST);
+
+    let ch = create_channel(
+        &s.api,
+        json!({"kind": "plugin", "name": "cards", "plugin": "chat-card",
+               "config": {"url": format!("{}/api/webhooks/42/tok", rx.base), "format": "discord"},
+               "allowed_hosts": ["127.0.0.1"], "headers": {"Authorization": "Bot very-secret"}}),
+    )
+    .await;
+    assert_eq!(ch["headers"]["authorization"], "***");
+    let channel_id = ch["id"].as_str().unwrap().to_string();
+    create_rule(&s.api, &[&channel_id]).await;
+    send_failure(&s.api, "card-1").await;
+    let got = rx.wait_for(1, "card delivered").await;
+    assert_eq!(got[0].path, "/api/webhooks/42/tok");
+    assert_eq!(got[0].header("authorization"), "Bot very-secret");
+    assert_eq!(got[0].header("content-type"), "application/json");
+    let body = got[0].json();
+    let embed = &body["embeds"][0];
+    assert_eq!(embed["title"], "[critical] Payment failed firing");
+    assert_eq!(embed["color"], 0xd0312d);
+    assert_eq!(embed["fields"][3]["value"], "payment.failed (card-1)", "{body}");
+    let d = wait_delivery(&s.api, "", "delivered").await;
+    assert_eq!(got[0].header("x-signalops-webhook-id"), d["webhook_id"].as_str().unwrap());
+    let (_, p) = s.api.get("/v1/plugins/chat-card").await;
+    assert_eq!(p["health"]["invocations"], 1, "{p}");
+    // The plugin is in use: it cannot be deleted.
+    assert_eq!(s.api.delete("/v1/plugins/chat-card").await, StatusCode::CONFLICT);
+
+    // A request to a host outside allowed_hosts is refused, and logged as such.
+    let (status, v) = s
+        .api
+        .http
+        .put(format!("{}/v1/channels/{channel_id}", s.api.base))
+        .bearer_auth(&s.api.token)
+        .json(&json!({"kind": "plugin", "name": "cards", "plugin": "chat-card",
+                      "config": {"url": format!("{}/x", rx.base)}, "allowed_hosts": ["chat.example"]}))
+        .send()
+        .await
+        .map(|r| (r.status(), r))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{:?}", v.text().await);
+    let (_, t) = s.api.post(&format!("/v1/channels/{channel_id}/test"), &json!({})).await;
+    assert_eq!(t["delivered"], false, "{t}");
+    assert!(t["attempt"]["error"].as_str().unwrap().contains("allowed_hosts"), "{t}");
+    assert_eq!(rx.got().len(), 1);
+}
