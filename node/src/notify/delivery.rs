@@ -70,6 +70,8 @@ pub fn jobs_for(alert: &Alert, transition: Transition, now_ms: i64) -> Vec<Job> 
         Transition::Resolved => alert.resolved_at_ms.unwrap_or(alert.fired_at_ms),
     };
     let mut shown = alert.clone();
+    // The job names its own action; the rule's others are not the receiver's business.
+    shown.actions = Vec::new();
     if transition == Transition::Firing {
         // An alert that fired and resolved within one batch is announced as it fired.
         shown.state = AlertState::Firing;

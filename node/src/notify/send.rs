@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lettre::message::{header::ContentType, Mailbox};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::channel::{host_allowed, Channel, Target};
 use super::egress::{EgressPolicy, GuardedResolver};
@@ -42,11 +42,12 @@ impl Outcome {
     }
 }
 
-/// What a delivery sends: the webhook payload (also the source of the chat and email text).
+/// What a delivery sends: the webhook body, the rendered message (chat and email text) or the
+/// notifier's request.
 pub struct Outgoing<'a> {
     pub webhook_id: &'a str,
     /// The JSON body of a webhook (Standard Webhooks `{"type", "timestamp", "data"}`).
-    pub payload: &'a Value,
+    pub payload: &'a [u8],
     pub message: &'a Message,
     /// What a `plugin` channel's notifier rendered.
     pub request: Option<&'a PluginRequest>,
@@ -75,7 +76,6 @@ impl Outbound {
             .no_proxy()
             .user_agent(concat!("SignalOps-Webhooks/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(64)
             .build()?;
         let smtp = match (&cfg.smtp_url, &cfg.smtp_from) {
             (Some(url), Some(from)) => {
@@ -110,10 +110,7 @@ impl Outbound {
     async fn attempt(&self, channel: &Channel, out: &Outgoing<'_>, now_ms: i64, started: Instant) -> Outcome {
         match &channel.target {
             Target::Webhook { url, headers } => {
-                let body = match serde_json::to_vec(out.payload) {
-                    Ok(b) => b,
-                    Err(e) => return Outcome::failed(started, format!("cannot encode payload: {e}")),
-                };
+                let body = out.payload.to_vec();
                 let ts = now_ms.div_euclid(1000);
                 let signature = signature_header(channel.live_secrets(now_ms), out.webhook_id, ts, &body);
                 let mut extra: Vec<(&str, String)> = headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();

@@ -6,6 +6,9 @@
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
+use crate::model::format_ms;
+use crate::rules::alert::{Alert, AlertState};
+
 use crate::rules::spec::{join, member, object, only_members, string, FieldError};
 
 /// Longest template source (title and body each), bytes.
@@ -24,7 +27,7 @@ pub struct MessageTemplate {
 }
 
 /// A rendered message.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Message {
     pub title: String,
     pub body: String,
@@ -62,8 +65,11 @@ pub fn parse_template(v: Option<&Value>, path: &str) -> Result<MessageTemplate, 
 
 /// Renders an action's template against `context` (`{"alert", "event", "channel"}`); parts
 /// the template leaves out, or that fail to render, get the default text.
-pub fn render(template: &MessageTemplate, context: &Value) -> Message {
-    let default = default_message(context);
+pub fn render(template: &MessageTemplate, context: &Value, alert: &Alert) -> Message {
+    let default = default_message(alert);
+    if template.title.is_none() && template.body.is_none() {
+        return default;
+    }
     let env = env();
     let one = |src: &Option<String>, fallback: String, max: usize| -> String {
         let Some(src) = src else { return fallback };
@@ -93,28 +99,29 @@ fn truncate(mut s: String, max: usize) -> String {
 }
 
 /// `[critical] Checkout failures firing` and a body with the value, threshold and group.
-fn default_message(context: &Value) -> Message {
-    let alert = &context["alert"];
-    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    let name = alert["title"].as_str().map(str::to_owned).unwrap_or_else(|| s(&alert["rule_name"]));
-    let state = s(&alert["state"]);
-    let title = truncate(format!("[{}] {} {}", s(&alert["severity"]), name, state), MAX_TITLE_BYTES);
-    let mut body = format!("Rule `{}` (version {}) is {state}.", s(&alert["rule_name"]), alert["rule_version"]);
-    if let Some(v) = alert["value"].as_f64() {
-        body.push_str(&format!("\nValue: {v}"));
-    }
-    if let Some(t) = alert["threshold"].as_f64() {
+pub fn default_message(alert: &Alert) -> Message {
+    let name = alert.title.as_deref().unwrap_or(&alert.rule_name);
+    let state = match alert.state {
+        AlertState::Firing => "firing",
+        AlertState::Resolved => "resolved",
+    };
+    let severity = serde_json::to_value(alert.severity).ok();
+    let severity = severity.as_ref().and_then(Value::as_str).unwrap_or_default();
+    let title = truncate(format!("[{severity}] {name} {state}"), MAX_TITLE_BYTES);
+    let mut body = format!("Rule `{}` (version {}) is {state}.", alert.rule_name, alert.rule_version);
+    body.push_str(&format!("\nValue: {}", alert.value));
+    if let Some(t) = alert.threshold {
         body.push_str(&format!(" (threshold {t})"));
     }
-    if let Some(g) = alert["group"].as_object().filter(|g| !g.is_empty()) {
-        let parts: Vec<String> = g.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !alert.group.is_empty() {
+        let parts: Vec<String> = alert.group.iter().map(|(k, v)| format!("{k}={v}")).collect();
         body.push_str(&format!("\nGroup: {}", parts.join(", ")));
     }
-    body.push_str(&format!("\nFired at: {}", s(&alert["fired_at"])));
-    if let Some(r) = alert["resolved_at"].as_str() {
-        body.push_str(&format!("\nResolved at: {r}"));
+    body.push_str(&format!("\nFired at: {}", format_ms(alert.fired_at_ms)));
+    if let Some(r) = alert.resolved_at_ms {
+        body.push_str(&format!("\nResolved at: {}", format_ms(r)));
     }
-    body.push_str(&format!("\nAlert: {}", s(&alert["id"])));
+    body.push_str(&format!("\nAlert: {}", alert.id));
     Message { title, body: truncate(body, MAX_BODY_BYTES) }
 }
 
@@ -123,10 +130,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn alert() -> Alert {
+        serde_json::from_value(json!({"id": uuid::Uuid::nil(), "tenant_id": uuid::Uuid::nil(), "rule_id": uuid::Uuid::nil(),
+            "rule_version": 2, "rule_name": "Checkout failures", "kind": "window", "severity": "critical",
+            "group": {"payload.merchant": "m1"}, "value": 12.0, "threshold": 10.0, "state": "firing", "fired_at_ms": 0}))
+        .unwrap()
+    }
+
     fn ctx() -> Value {
-        json!({"alert": {"id": "a1", "rule_name": "Checkout failures", "rule_version": 2, "severity": "critical",
-                         "state": "firing", "value": 12.0, "threshold": 10.0, "group": {"payload.merchant": "m1"},
-                         "fired_at": "2026-11-23T00:00:00Z"},
+        json!({"alert": alert().view(None),
                "event": {"type": "checkout.failed", "payload": {"amount": 150, "merchant": "m1"}}})
     }
 
@@ -138,14 +150,14 @@ mod tests {
             "actions[0].template",
         )
         .unwrap();
-        let m = render(&t, &ctx());
+        let m = render(&t, &ctx(), &alert());
         assert_eq!(m.title, "Checkout failures: 150");
         assert_eq!(m.body, "payload.merchant=m1");
     }
 
     #[test]
     fn defaults_and_bad_templates() {
-        let m = render(&MessageTemplate::default(), &ctx());
+        let m = render(&MessageTemplate::default(), &ctx(), &alert());
         assert_eq!(m.title, "[critical] Checkout failures firing");
         assert!(
             m.body.contains("Value: 12 (threshold 10)") && m.body.contains("payload.merchant=\"m1\""),
@@ -164,9 +176,9 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(render(&t, &ctx()).title, "[critical] Checkout failures firing");
+        assert_eq!(render(&t, &ctx(), &alert()).title, "[critical] Checkout failures firing");
         // Missing fields render empty instead of failing.
         let t = parse_template(Some(&json!({"title": "{{ event.payload.nope.deeper }}!"})), "t").unwrap();
-        assert_eq!(render(&t, &ctx()).title, "!");
+        assert_eq!(render(&t, &ctx(), &alert()).title, "!");
     }
 }

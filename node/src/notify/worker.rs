@@ -199,6 +199,10 @@ impl Notifier {
                 _ = cancel.cancelled() => return Ok(()),
                 p = in_flight.clone().acquire_owned() => p?,
             };
+            // The first delivery of a job's first run has no record yet (unless the job was
+            // queued twice beyond the stream's duplicate window, after a partition owner's
+            // crash): the store read is skipped for it.
+            let fresh = job.run == 0 && msg.info().is_ok_and(|i| i.delivered == 1);
             let channel = Uuid::parse_str(&job.channel_id)
                 .ok()
                 .and_then(|id| self.control.read().channel(job.tenant_id, &id).cloned());
@@ -213,7 +217,7 @@ impl Notifier {
             let me = self.clone();
             tracker.spawn(async move {
                 let _permit = permit;
-                let work = me.deliver(job, channel, lane.clone());
+                let work = me.deliver(job, channel, lane.clone(), fresh);
                 tokio::pin!(work);
                 let mut progress =
                     tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
@@ -254,10 +258,11 @@ impl Notifier {
         }
     }
 
-    async fn deliver(&self, job: Job, channel: Option<Channel>, lane: Option<Arc<Lane>>) -> Settle {
+    async fn deliver(&self, job: Job, channel: Option<Channel>, lane: Option<Arc<Lane>>, fresh: bool) -> Settle {
         let tenant = job.tenant_id;
         let id = job.delivery_id;
-        let mut record = match self.store.get_delivery(tenant, id).await {
+        let stored = if fresh { Ok(None) } else { self.store.get_delivery(tenant, id).await };
+        let mut record = match stored {
             Ok(Some(r)) => r,
             Ok(None) => DeliveryRecord::new(job.clone(), now_ms()),
             Err(e) => {
@@ -290,6 +295,7 @@ impl Notifier {
         let payload = payload(&record.job, &message);
         let wid = webhook_id(&id);
         let started = now_ms();
+        let payload = payload.as_slice();
         let outcome = self.attempt(&record.job, &channel, &message, event.as_ref(), &payload, &wid, started).await;
         let kind = channel.target.kind();
         metrics::histogram!(telemetry::NOTIFY_ATTEMPT_DURATION, "kind" => kind).record(outcome.latency.as_secs_f64());
@@ -391,20 +397,25 @@ impl Notifier {
     /// The message for a job: its action's template over the alert, the newest triggering
     /// event (returned too, when the store has it) and the channel.
     async fn render(&self, job: &Job, channel: &Channel) -> (Message, Option<StoredEvent>) {
-        let event = match job.alert.event_ids.last() {
-            Some(id) => self.store.get_event(job.tenant_id, id).await.ok().flatten(),
-            None => None,
-        };
         let tpl = match &job.template {
             Some(t) => parse_template(Some(t), "template").unwrap_or_default(),
             None => MessageTemplate::default(),
+        };
+        let plugin = matches!(channel.target, Target::Plugin { .. });
+        if tpl.title.is_none() && tpl.body.is_none() && !plugin {
+            // The default text needs neither the event nor the template context.
+            return (template::default_message(&job.alert), None);
+        }
+        let event = match job.alert.event_ids.last() {
+            Some(id) => self.store.get_event(job.tenant_id, id).await.ok().flatten(),
+            None => None,
         };
         let context = json!({
             "alert": job.alert.view(None),
             "event": event.as_ref().map(|e| serde_json::to_value(e.view()).unwrap_or(Value::Null)),
             "channel": {"id": channel.id, "name": channel.name},
         });
-        (template::render(&tpl, &context), event)
+        (template::render(&tpl, &context, &job.alert), event)
     }
 
     /// One attempt: a `plugin` channel's notifier renders the request first.
@@ -415,7 +426,7 @@ impl Notifier {
         channel: &Channel,
         message: &Message,
         event: Option<&StoredEvent>,
-        payload: &Value,
+        payload: &[u8],
         wid: &str,
         now: i64,
     ) -> Outcome {
@@ -520,22 +531,39 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// The webhook body (Standard Webhooks shape): the same bytes on every attempt of a delivery.
-fn payload(job: &Job, message: &Message) -> Value {
+fn payload(job: &Job, message: &Message) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        timestamp: String,
+        data: Data<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Data<'a> {
+        tenant_id: Uuid,
+        delivery_id: Uuid,
+        channel_id: &'a str,
+        alert: crate::rules::alert::AlertView<'a>,
+        message: &'a Message,
+    }
     let at = match job.transition {
         Transition::Firing => job.alert.fired_at_ms,
         Transition::Resolved => job.alert.resolved_at_ms.unwrap_or(job.alert.fired_at_ms),
     };
-    json!({
-        "type": job.transition.event_type(),
-        "timestamp": format_ms(at),
-        "data": {
-            "tenant_id": job.tenant_id,
-            "delivery_id": job.delivery_id,
-            "channel_id": job.channel_id,
-            "alert": job.alert.view(None),
-            "message": {"title": message.title, "body": message.body},
+    let body = Body {
+        kind: job.transition.event_type(),
+        timestamp: format_ms(at),
+        data: Data {
+            tenant_id: job.tenant_id,
+            delivery_id: job.delivery_id,
+            channel_id: &job.channel_id,
+            alert: job.alert.view(None),
+            message,
         },
-    })
+    };
+    // Serializing these types cannot fail; an empty body would be refused by receivers.
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 /// The input map of a notifier's `render` (see ABI.md, "Notifier plugins").
