@@ -296,7 +296,7 @@ impl Notifier {
         let wid = webhook_id(&id);
         let started = now_ms();
         let payload = payload.as_slice();
-        let outcome = self.attempt(&record.job, &channel, &message, event.as_ref(), &payload, &wid, started).await;
+        let outcome = self.attempt(&record.job, &channel, &message, event.as_ref(), payload, &wid, started).await;
         let kind = channel.target.kind();
         metrics::histogram!(telemetry::NOTIFY_ATTEMPT_DURATION, "kind" => kind).record(outcome.latency.as_secs_f64());
         let ok = outcome.succeeded();
