@@ -5,6 +5,10 @@
 //! BENCH_CONCURRENCY). Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[allow(dead_code)]
+mod common;
+use common::env;
+
 #[path = "../tests/it/harness.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -22,10 +26,6 @@ use serde_json::{json, Value};
 // The same allocator as the `signalops` binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn sample_event(i: usize) -> Value {
     json!({"type": "payment.failed", "source": "bench",

@@ -10,6 +10,10 @@
 //! Run: `cargo bench -p signalops-node --bench notify`. Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[allow(dead_code)]
+mod common;
+use common::env;
+
 #[path = "../tests/it/harness.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -24,10 +28,6 @@ use serde_json::{json, Value};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 #[derive(Default)]
 struct Seen {

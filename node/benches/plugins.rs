@@ -25,14 +25,11 @@ use signalops::rules::spec::{parse_rule, RuleLimits};
 use uuid::Uuid;
 
 mod common;
+use common::env;
 use common::payment_events;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn module(name: &str) -> Vec<u8> {
     let path = format!("{}/../plugins/out/{name}.wasm", env!("CARGO_MANIFEST_DIR"));

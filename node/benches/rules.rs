@@ -19,14 +19,11 @@ use signalops::rules::spec::{parse_rule, RuleLimits};
 use uuid::Uuid;
 
 mod common;
+use common::env;
 use common::payment_events;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// A mix of the rule shapes tenants write, all matching the benchmark's event type.
 fn rule(i: usize) -> Value {

@@ -72,15 +72,7 @@ pub const ABI_VERSION: u32 = 1;
 macro_rules! export_rule {
     ($handler:path) => {
         const _: () = {
-            #[export_name = "signalops_abi_v1"]
-            pub extern "C" fn __signalops_abi_v1() -> i32 {
-                $crate::ABI_VERSION as i32
-            }
-
-            #[export_name = "signalops_alloc"]
-            pub extern "C" fn __signalops_alloc(len: i32) -> i32 {
-                $crate::abi::input_buffer(len)
-            }
+            $crate::__export_abi_v1!();
 
             #[export_name = "evaluate"]
             pub extern "C" fn __signalops_evaluate(ptr: i32, len: i32) -> i64 {
@@ -102,20 +94,30 @@ macro_rules! export_rule {
 macro_rules! export_notifier {
     ($handler:path) => {
         const _: () = {
-            #[export_name = "signalops_abi_v1"]
-            pub extern "C" fn __signalops_abi_v1() -> i32 {
-                $crate::ABI_VERSION as i32
-            }
-
-            #[export_name = "signalops_alloc"]
-            pub extern "C" fn __signalops_alloc(len: i32) -> i32 {
-                $crate::abi::input_buffer(len)
-            }
+            $crate::__export_abi_v1!();
 
             #[export_name = "render"]
             pub extern "C" fn __signalops_render(ptr: i32, len: i32) -> i64 {
                 $crate::abi::run_notifier(ptr, len, $handler)
             }
         };
+    };
+}
+
+/// The exports every plugin has: the ABI marker and the input allocator. Used by
+/// [`export_rule!`] and [`export_notifier!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_abi_v1 {
+    () => {
+        #[export_name = "signalops_abi_v1"]
+        pub extern "C" fn __signalops_abi_v1() -> i32 {
+            $crate::ABI_VERSION as i32
+        }
+
+        #[export_name = "signalops_alloc"]
+        pub extern "C" fn __signalops_alloc(len: i32) -> i32 {
+            $crate::abi::input_buffer(len)
+        }
     };
 }

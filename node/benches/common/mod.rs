@@ -1,4 +1,4 @@
-//! What the rule and plugin benchmarks share: the synthetic payment events.
+//! What the benchmarks share: settings from the environment and synthetic payment events.
 
 use serde_json::json;
 use signalops::model::{EncodedEvent, EventRecord, LogPosition};
@@ -33,4 +33,9 @@ pub fn payment_events(tenant: Uuid, n: usize, cards: usize, first_seq: u64) -> V
             EncodedEvent::from_record(&record, position).unwrap_or_else(|e| panic!("encode: {e}"))
         })
         .collect()
+}
+
+/// A numeric setting from the environment (`BENCH_*`), or its default.
+pub fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

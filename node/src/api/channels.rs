@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::admin::control_error;
 use super::deliveries::replay_record;
 use super::events::time_param;
-use super::{AppState, AuthTenant};
+use super::{json_body, AppState, AuthTenant};
 use crate::cluster::state::{Command, CommandResult};
 use crate::error::{ApiError, ErrorKind};
 use crate::model::{format_ms, now_ms, TenantId};
@@ -36,16 +36,6 @@ pub fn router() -> Router<AppState> {
 
 /// Most failed deliveries one recover request re-queues.
 const MAX_RECOVER: usize = 10_000;
-
-fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
-    body.map(|Json(v)| v).map_err(|e| match e {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            ErrorKind::UnsupportedMediaType,
-            "the body must be JSON with `Content-Type: application/json`",
-        ),
-        other => ApiError::bad_request("", other.body_text()),
-    })
-}
 
 /// Parses a definition and checks its URLs against the egress guard.
 fn parse(state: &AppState, tenant: TenantId, body: &Value) -> Result<ChannelSpec, ApiError> {

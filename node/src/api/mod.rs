@@ -14,14 +14,16 @@ pub mod rules;
 
 use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::Router;
+use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::Value;
 
 use crate::cluster::state::Tenant;
 use crate::cluster::ControlPlane;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::eventlog::EventLog;
 use crate::ingest::Ingestor;
 use crate::store::EventStore;
@@ -57,6 +59,17 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The JSON body of a request, or a problem naming what is wrong with it.
+pub(crate) fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
+    body.map(|Json(v)| v).map_err(|e| match e {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            ErrorKind::UnsupportedMediaType,
+            "the body must be JSON with `Content-Type: application/json`",
+        ),
+        other => ApiError::bad_request("", other.body_text()),
+    })
 }
 
 /// The tenant of the request's API key.

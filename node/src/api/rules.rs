@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::admin::control_error;
 use super::events::time_param;
-use super::{AppState, AuthTenant};
+use super::{json_body, AppState, AuthTenant};
 use crate::cluster::state::{Command, CommandResult, ControlView};
 use crate::error::{ApiError, ErrorKind};
 use crate::model::{format_ms, now_ms, split_body, validate_event, EventRecord, TenantId};
@@ -103,16 +103,6 @@ fn stats(state: &AppState, rule: &Rule) -> Option<(RuleStats, usize)> {
 
 fn field_error(e: FieldError) -> ApiError {
     ApiError::bad_request(e.field, e.detail)
-}
-
-fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
-    body.map(|Json(v)| v).map_err(|e| match e {
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            ErrorKind::UnsupportedMediaType,
-            "the body must be JSON with `Content-Type: application/json`",
-        ),
-        other => ApiError::bad_request("", other.body_text()),
-    })
 }
 
 /// Parses a rule definition; a plugin rule's plugin must be one of the tenant's rule plugins.

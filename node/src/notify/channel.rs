@@ -251,31 +251,17 @@ const RESERVED_HEADERS: [&str; 9] = [
     "user-agent",
 ];
 
+/// Members that say where a channel delivers (which of them apply depends on `kind`).
+const TARGET_MEMBERS: [&str; 10] =
+    ["url", "headers", "bot_token", "chat_id", "api_base_url", "to", "plugin", "version", "config", "allowed_hosts"];
+/// Members of every kind's delivery policy.
+const POLICY_MEMBERS: [&str; 4] = ["retry_schedule_secs", "timeout_secs", "max_concurrency", "rate_limit_per_second"];
+
 /// Validates a channel definition; errors name the member at fault.
 pub fn parse_channel(body: &Value) -> Result<ChannelSpec, FieldError> {
     let obj = object(body, "")?;
-    only_members(
-        obj,
-        "",
-        &[
-            "name",
-            "kind",
-            "url",
-            "headers",
-            "bot_token",
-            "chat_id",
-            "api_base_url",
-            "to",
-            "plugin",
-            "version",
-            "config",
-            "allowed_hosts",
-            "retry_schedule_secs",
-            "timeout_secs",
-            "max_concurrency",
-            "rate_limit_per_second",
-        ],
-    )?;
+    let allowed: Vec<&str> = ["name", "kind"].into_iter().chain(TARGET_MEMBERS).chain(POLICY_MEMBERS).collect();
+    only_members(obj, "", &allowed)?;
     let name = match member(obj, "name").map(|v| string(v, "name")).transpose()? {
         Some(n) if !n.trim().is_empty() && n.chars().count() <= MAX_NAME_CHARS => n.to_owned(),
         _ => return Err(FieldError::new("name", format!("required: 1 to {MAX_NAME_CHARS} characters"))),
@@ -293,20 +279,9 @@ pub fn parse_channel(body: &Value) -> Result<ChannelSpec, FieldError> {
             _ => &["to"],
         }
     };
-    let target_members = [
-        "url",
-        "headers",
-        "bot_token",
-        "chat_id",
-        "api_base_url",
-        "to",
-        "plugin",
-        "version",
-        "config",
-        "allowed_hosts",
-    ];
+
     if matches!(kind, "webhook" | "slack" | "telegram" | "email" | "plugin") {
-        if let Some(k) = target_members.iter().find(|k| member(obj, k).is_some() && !allowed_for(kind).contains(k)) {
+        if let Some(k) = TARGET_MEMBERS.iter().find(|k| member(obj, k).is_some() && !allowed_for(kind).contains(k)) {
             return Err(FieldError::new(*k, format!("not a member of a `{kind}` channel")));
         }
     }

@@ -607,56 +607,23 @@ fn render_input(
     rmp_serde::to_vec_named(&input)
 }
 
-fn sample_job(channel: &Channel, now: i64) -> Job {
-    let alert = Alert {
-        id: alert_id(now, &channel.tenant_id, &Uuid::nil(), "test", now as u64),
-        tenant_id: channel.tenant_id,
-        rule_id: Uuid::nil(),
-        rule_version: 0,
-        rule_name: "SignalOps test notification".into(),
-        kind: AlertKind::System,
-        severity: Severity::Info,
-        labels: Default::default(),
-        group: Default::default(),
-        value: 1.0,
-        threshold: None,
-        op: None,
-        aggregate: None,
-        window_seconds: None,
-        state: AlertState::Firing,
-        fired_at_ms: now,
-        resolved_at_ms: None,
-        event_ids: Vec::new(),
-        silence_id: None,
-        actions: Vec::new(),
-        title: Some(format!("Test notification for channel `{}`", channel.name)),
-        details: Default::default(),
-    };
-    Job {
-        delivery_id: Uuid::now_v7(),
-        tenant_id: channel.tenant_id,
-        channel_id: channel.id.to_string(),
-        transition: Transition::Firing,
-        alert,
-        template: None,
-        created_at_ms: now,
-        run: 0,
-    }
-}
-
-/// The operational alert raised when the node disables a channel.
-fn channel_alert(channel: &Channel, reason: &str, at: i64) -> Alert {
-    let mut details = serde_json::Map::new();
-    details.insert("channel_id".into(), Value::String(channel.id.to_string()));
-    details.insert("reason".into(), Value::String(reason.to_owned()));
+/// An alert the node raises itself about a channel (no rule: `rule_id` is nil).
+fn system_alert(
+    channel: &Channel,
+    at: i64,
+    name: &str,
+    severity: Severity,
+    title: String,
+    details: serde_json::Map<String, Value>,
+) -> Alert {
     Alert {
-        id: alert_id(at, &channel.tenant_id, &channel.id, "channel-disabled", at as u64),
+        id: alert_id(at, &channel.tenant_id, &channel.id, name, at as u64),
         tenant_id: channel.tenant_id,
         rule_id: Uuid::nil(),
         rule_version: 0,
-        rule_name: "Channel disabled".into(),
+        rule_name: name.into(),
         kind: AlertKind::System,
-        severity: Severity::Critical,
+        severity,
         labels: [("channel".to_string(), channel.name.clone())].into(),
         group: Default::default(),
         value: 1.0,
@@ -670,9 +637,32 @@ fn channel_alert(channel: &Channel, reason: &str, at: i64) -> Alert {
         event_ids: Vec::new(),
         silence_id: None,
         actions: Vec::new(),
-        title: Some(format!("Channel `{}` was disabled: {reason}", channel.name)),
+        title: Some(title),
         details,
     }
+}
+
+fn sample_job(channel: &Channel, now: i64) -> Job {
+    let title = format!("Test notification for channel `{}`", channel.name);
+    Job {
+        delivery_id: Uuid::now_v7(),
+        tenant_id: channel.tenant_id,
+        channel_id: channel.id.to_string(),
+        transition: Transition::Firing,
+        alert: system_alert(channel, now, "SignalOps test notification", Severity::Info, title, Default::default()),
+        template: None,
+        created_at_ms: now,
+        run: 0,
+    }
+}
+
+/// The operational alert raised when the node disables a channel.
+fn channel_alert(channel: &Channel, reason: &str, at: i64) -> Alert {
+    let mut details = serde_json::Map::new();
+    details.insert("channel_id".into(), Value::String(channel.id.to_string()));
+    details.insert("reason".into(), Value::String(reason.to_owned()));
+    let title = format!("Channel `{}` was disabled: {reason}", channel.name);
+    system_alert(channel, at, "Channel disabled", Severity::Critical, title, details)
 }
 
 /// Group-commits delivery records: every record waiting is written in one durable commit.
