@@ -62,6 +62,8 @@ pub struct NotifyConfig {
     pub duplicate_window_secs: u64,
     /// How long dead-lettered jobs are kept, seconds.
     pub dead_letter_max_age_secs: u64,
+    /// Finished delivery records (and their attempts) older than this many days are purged.
+    pub delivery_retention_days: u64,
     /// How long a job may go without a sign of life from its worker before JetStream offers it
     /// to another worker (after a node crash), seconds. Workers send progress every third of it.
     pub ack_wait_secs: u64,
@@ -81,6 +83,7 @@ impl Default for NotifyConfig {
             secret_rotation_grace_secs: 24 * 3600,
             duplicate_window_secs: 600,
             dead_letter_max_age_secs: 14 * 86_400,
+            delivery_retention_days: 30,
             ack_wait_secs: 60,
         }
     }

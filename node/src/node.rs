@@ -162,6 +162,7 @@ async fn serve(
     }
     {
         let (store, cancel) = (store.clone(), cancel.clone());
+        let retention_ms = (cfg.notify.delivery_retention_days as i64).saturating_mul(86_400_000);
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
             loop {
@@ -173,6 +174,11 @@ async fn serve(
                     Ok(n) if n > 0 => tracing::info!(removed = n, "expired idempotency records purged"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "idempotency purge failed"),
+                }
+                match store.purge_deliveries(crate::model::now_ms() - retention_ms).await {
+                    Ok(n) if n > 0 => tracing::info!(removed = n, "delivery records past retention purged"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "delivery purge failed"),
                 }
             }
         });

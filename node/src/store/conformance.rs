@@ -4,8 +4,10 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{EventQuery, EventStore};
+use super::{DeliveryQuery, EventQuery, EventStore, USAGE_NOTIFICATIONS_SENT};
 use crate::model::{EncodedEvent, EventRecord, LogPosition, TenantId};
+use crate::notify::delivery::{jobs_for, DeliveryRecord, DeliveryStatus, Transition};
+use crate::rules::alert::Alert;
 
 /// The idempotency window the suite expects the backend under test to be opened with.
 pub const WINDOW_MS: i64 = 60_000;
@@ -40,6 +42,7 @@ pub async fn run_all(store: &dyn EventStore) {
     tenant_isolation(store).await;
     idempotency_records(store).await;
     store.check().await.unwrap();
+    deliveries(store).await;
 }
 
 async fn upsert_by_id(store: &dyn EventStore) {
@@ -163,4 +166,62 @@ async fn idempotency_records(store: &dyn EventStore) {
     assert!(store.purge_idempotency(late).await.unwrap() >= 1);
     let o = store.store_batch(vec![retry].into(), late).await.unwrap();
     assert_eq!(o.stored, 1);
+}
+
+/// A firing alert of `tenant` at `at_ms` with one action to channel `ch`.
+fn alert(tenant: TenantId, at_ms: i64, ch: &str) -> Alert {
+    serde_json::from_value(json!({"id": crate::rules::alert::alert_id(at_ms, &tenant, &Uuid::nil(), "", at_ms as u64),
+        "tenant_id": tenant, "rule_id": Uuid::nil(), "rule_version": 1, "rule_name": "r", "kind": "event",
+        "severity": "warning", "value": 1.0, "state": "firing", "fired_at_ms": at_ms, "actions": [{"channel_id": ch}]}))
+    .unwrap()
+}
+
+/// Delivery records: newest-first pages with filters, tenant isolation, usage counted once per
+/// delivery however often its record is written, and the retention purge.
+async fn deliveries(store: &dyn EventStore) {
+    let tenant = Uuid::now_v7();
+    let other = Uuid::now_v7();
+    let day = 86_400_000i64;
+    let mut records = Vec::new();
+    for (i, ch) in ["c1", "c2", "c1"].iter().enumerate() {
+        let job = jobs_for(&alert(tenant, 100 * day + i as i64, ch), Transition::Firing, 0).remove(0);
+        records.push(DeliveryRecord::new(job, 0));
+    }
+    store.put_deliveries(records.clone(), 100 * day).await.unwrap();
+    let page = store.query_deliveries(tenant, DeliveryQuery { limit: 10, ..Default::default() }).await.unwrap();
+    let ids: Vec<Uuid> = page.deliveries.iter().map(|r| r.id()).collect();
+    assert_eq!(ids, [records[2].id(), records[1].id(), records[0].id()]);
+    let c1 = DeliveryQuery { channel_id: Some("c1".into()), limit: 1, ..Default::default() };
+    let first = store.query_deliveries(tenant, c1.clone()).await.unwrap();
+    assert_eq!(first.deliveries[0].id(), records[2].id());
+    let second = store.query_deliveries(tenant, DeliveryQuery { after: first.next, ..c1 }).await.unwrap();
+    assert_eq!(second.deliveries[0].id(), records[0].id());
+    assert!(store.get_delivery(other, records[0].id()).await.unwrap().is_none());
+    assert!(store
+        .query_deliveries(other, DeliveryQuery { limit: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .deliveries
+        .is_empty());
+
+    // Delivered twice (a redelivered job), counted once; a failed one not at all.
+    let mut done = records[0].clone();
+    done.status = DeliveryStatus::Delivered;
+    store.put_deliveries(vec![done.clone()], 100 * day).await.unwrap();
+    store.put_deliveries(vec![done.clone(), done], 100 * day).await.unwrap();
+    let mut failed = records[1].clone();
+    failed.status = DeliveryStatus::Failed;
+    store.put_deliveries(vec![failed], 100 * day).await.unwrap();
+    let usage = store.usage(tenant, 100, 101).await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!((usage[0].day, usage[0].metric.as_str(), usage[0].count), (100, USAGE_NOTIFICATIONS_SENT, 1));
+    assert!(store.usage(other, 0, 1000).await.unwrap().is_empty());
+    let by_status = DeliveryQuery { status: Some(DeliveryStatus::Failed), limit: 10, ..Default::default() };
+    assert_eq!(store.query_deliveries(tenant, by_status).await.unwrap().deliveries.len(), 1);
+
+    // Retention drops finished records older than the cut; pending ones stay.
+    assert_eq!(store.purge_deliveries(100 * day + 2).await.unwrap(), 2);
+    let left = store.query_deliveries(tenant, DeliveryQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(left.deliveries.len(), 1);
+    assert_eq!(left.deliveries[0].id(), records[2].id());
 }

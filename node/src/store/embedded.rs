@@ -540,6 +540,36 @@ impl EventStore for EmbeddedStore {
         self.blocking(move |s| query_deliveries_sync(s, tenant, query)).await
     }
 
+    async fn purge_deliveries(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.blocking(move |s| {
+            let floor = alert_id_floor(before_ms);
+            let mut removed = 0u64;
+            // In commits of at most 10,000 removals, so the writer lock is never held long.
+            loop {
+                let _writer = s.write.lock().map_err(|_| StoreError::Corrupt("writer lock poisoned".into()))?;
+                let mut batch = s.db.batch().durability(Some(PersistMode::SyncData));
+                let mut in_batch = 0;
+                for item in s.deliveries.iter() {
+                    let (k, v) = item.into_inner().map_err(be)?;
+                    let old = k.get(16..32).and_then(|b| Uuid::from_slice(b).ok()).is_some_and(|id| id < floor);
+                    if old && dec::<DeliveryRecord>(&v, "delivery")?.status != DeliveryStatus::Pending {
+                        batch.remove(&s.deliveries, k);
+                        in_batch += 1;
+                        if in_batch == 10_000 {
+                            break;
+                        }
+                    }
+                }
+                batch.commit().map_err(be)?;
+                removed += in_batch;
+                if in_batch < 10_000 {
+                    return Ok(removed);
+                }
+            }
+        })
+        .await
+    }
+
     async fn usage(&self, tenant: TenantId, from_day: i64, to_day: i64) -> Result<Vec<UsageDay>, StoreError> {
         self.blocking(move |s| {
             let mut out = Vec::new();

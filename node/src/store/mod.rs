@@ -239,6 +239,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// A page of the tenant's deliveries, newest first.
     async fn query_deliveries(&self, tenant: TenantId, query: DeliveryQuery) -> Result<DeliveryPage, StoreError>;
 
+    /// Drops finished (delivered or failed) delivery records whose transition happened before
+    /// `before_ms`; returns how many.
+    async fn purge_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
+
     /// The tenant's usage per day and metric, `[from_day, to_day)`, in time order.
     async fn usage(&self, tenant: TenantId, from_day: i64, to_day: i64) -> Result<Vec<UsageDay>, StoreError>;
 
