@@ -116,7 +116,17 @@ async fn replay(
 /// Queues a finished delivery again as a new run (same delivery and webhook id; the retry
 /// schedule starts over). The record is written first: no worker holds a finished delivery, and
 /// the job of the new run only exists once it is published.
-pub(crate) async fn replay_record(state: &AppState, mut record: DeliveryRecord) -> Result<DeliveryRecord, ApiError> {
+pub(crate) async fn replay_record(state: &AppState, record: DeliveryRecord) -> Result<DeliveryRecord, ApiError> {
+    // One replay at a time on this node, each re-reading the record: two requests for the same
+    // delivery cannot both start a run.
+    static REPLAYS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = REPLAYS.lock().await;
+    let tenant = record.job.tenant_id;
+    let current = state.store.get_delivery(tenant, record.id()).await.map_err(|e| ApiError::internal("replay", &e))?;
+    let Some(mut record) = current else { return Err(ApiError::not_found(format!("no delivery `{}`", record.id()))) };
+    if record.status == DeliveryStatus::Pending {
+        return Err(ApiError::new(ErrorKind::Conflict, "the delivery is still pending; it is retried on its schedule"));
+    }
     let previous = record.clone();
     record.job.run += 1;
     record.status = DeliveryStatus::Pending;
@@ -127,8 +137,17 @@ pub(crate) async fn replay_record(state: &AppState, mut record: DeliveryRecord) 
     write(record.clone()).await.map_err(|e| ApiError::internal("replay", &e))?;
     if let Err(e) = state.notifier.queue().publish(std::slice::from_ref(&record.job)).await {
         tracing::warn!(delivery_id = %record.id(), error = %e, "cannot queue replay");
-        if let Err(e) = write(previous).await {
-            tracing::error!(delivery_id = %record.id(), error = %e, "cannot restore delivery record after a failed replay");
+        // Put the finished record back, unless a worker got the job after all (the publish
+        // may have reached JetStream without its acknowledgement reaching us).
+        let now = state.store.get_delivery(tenant, record.id()).await.ok().flatten();
+        if now.is_some_and(|r| {
+            r.job.run == record.job.run
+                && r.status == DeliveryStatus::Pending
+                && r.attempts.len() == previous.attempts.len()
+        }) {
+            if let Err(e) = write(previous).await {
+                tracing::error!(delivery_id = %record.id(), error = %e, "cannot restore delivery record after a failed replay");
+            }
         }
         return Err(ApiError::unavailable("the job stream did not take the replay; retry", 1));
     }

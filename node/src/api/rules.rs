@@ -107,16 +107,18 @@ fn field_error(e: FieldError) -> ApiError {
 
 /// Parses a rule definition; a plugin rule's plugin must be one of the tenant's rule plugins.
 fn parse_spec(state: &AppState, tenant: TenantId, body: &Value) -> Result<RuleSpec, ApiError> {
-    let spec = parse_rule(body, &RuleLimits::default()).map_err(field_error)?;
+    let mut spec = parse_rule(body, &RuleLimits::default()).map_err(field_error)?;
     let view = state.control.read();
     if let Some(r) = &spec.plugin {
         resolve_plugin(view.plugins(), tenant, r).map_err(field_error)?;
     }
-    for (i, action) in spec.actions.iter().enumerate() {
+    for (i, action) in spec.actions.iter_mut().enumerate() {
         let id = action.get("channel_id").and_then(Value::as_str).unwrap_or_default();
-        if Uuid::parse_str(id).ok().and_then(|c| view.channel(tenant, &c)).is_none() {
+        let Some(channel) = Uuid::parse_str(id).ok().and_then(|c| view.channel(tenant, &c)) else {
             return Err(ApiError::bad_request(format!("actions[{i}].channel_id"), format!("no channel `{id}`")));
-        }
+        };
+        // Stored in canonical form, so every lookup by id string finds it.
+        action["channel_id"] = Value::String(channel.id.to_string());
     }
     drop(view);
     Ok(spec)

@@ -177,7 +177,7 @@ impl Channel {
             Target::Plugin { plugin, version, config, allowed_hosts, headers } => {
                 v.insert("plugin".into(), Value::String(plugin.clone()));
                 v.insert("version".into(), version.clone().map(Value::String).unwrap_or(Value::Null));
-                v.insert("config".into(), config.clone());
+                v.insert("config".into(), mask_urls(config));
                 v.insert("allowed_hosts".into(), Value::from(allowed_hosts.clone()));
                 let masked: Map<String, Value> =
                     headers.keys().map(|k| (k.clone(), Value::String("***".into()))).collect();
@@ -208,6 +208,17 @@ impl Channel {
         v.insert("created_at".into(), Value::String(format_ms(self.created_at_ms)));
         v.insert("updated_at".into(), Value::String(format_ms(self.updated_at_ms)));
         Value::Object(v)
+    }
+}
+
+/// A plugin channel's config as views show it: strings that are absolute URLs keep only their
+/// scheme and host, since chat and incident services put their tokens in the path.
+fn mask_urls(v: &Value) -> Value {
+    match v {
+        Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => Value::String(mask_url(s)),
+        Value::Array(a) => Value::Array(a.iter().map(mask_urls).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), mask_urls(v))).collect()),
+        other => other.clone(),
     }
 }
 

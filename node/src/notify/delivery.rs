@@ -145,6 +145,20 @@ pub struct Attempt {
 
 /// Most attempts a record keeps (the oldest go first); `attempt_count` counts them all.
 pub const MAX_KEPT_ATTEMPTS: usize = 50;
+/// Longest error or response text an attempt keeps, bytes.
+pub const MAX_ATTEMPT_TEXT_BYTES: usize = 1024;
+
+/// Cuts a text to at most `max` bytes at a character boundary.
+pub fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
@@ -179,7 +193,9 @@ impl DeliveryRecord {
         self.job.delivery_id
     }
 
-    pub fn push_attempt(&mut self, a: Attempt) {
+    pub fn push_attempt(&mut self, mut a: Attempt) {
+        a.error = a.error.map(|e| clip(e, MAX_ATTEMPT_TEXT_BYTES));
+        a.response = a.response.map(|r| clip(r, MAX_ATTEMPT_TEXT_BYTES));
         if self.attempts.len() >= MAX_KEPT_ATTEMPTS {
             self.attempts.remove(0);
         }

@@ -6,7 +6,7 @@
 //! `notify.egress_allow` / `SIGNALOPS_EGRESS_ALLOW` (host names and CIDRs).
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -50,6 +50,17 @@ impl EgressPolicy {
         !is_internal(ip) || self.nets.iter().any(|n| n.contains(&ip))
     }
 
+    /// True when the operator opened this host (by name or address) explicitly: a private
+    /// deployment, where plain HTTP may carry a channel's secret headers.
+    pub fn explicitly_allowed(&self, url: &reqwest::Url) -> bool {
+        match url.host() {
+            Some(url::Host::Domain(name)) => self.host_allowed(name),
+            Some(url::Host::Ipv4(ip)) => self.nets.iter().any(|n| n.contains(&IpAddr::V4(ip))),
+            Some(url::Host::Ipv6(ip)) => self.nets.iter().any(|n| n.contains(&IpAddr::V6(ip))),
+            None => false,
+        }
+    }
+
     /// Checks a URL before it is requested: scheme, and the host when it is an address or a
     /// name that never resolves publicly. Names are checked again, per address, at resolution.
     pub fn check_url(&self, url: &reqwest::Url) -> Result<(), String> {
@@ -90,16 +101,20 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 return internal_v4(v4);
             }
             let s = v6.segments();
-            v6.is_loopback()
+            // ::/96 holds the unspecified and loopback addresses and the deprecated
+            // IPv4-compatible form (::a.b.c.d), which some stacks still route to IPv4.
+            s[..6] == [0; 6]
+                || v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local (fc00::/7)
                 || (s[0] & 0xffc0) == 0xfe80 // link-local (fe80::/10)
                 || (s[0] & 0xffc0) == 0xfec0 // site-local (fec0::/10)
-                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 (64:ff9b::/96) can reach IPv4 internals
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 (64:ff9b::/96, 64:ff9b:1::/48) reaches IPv4
+                || (s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0) // IPv4-translated ::ffff:0:a.b.c.d
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo (2001::/32) embeds IPv4
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
                 || (s[0] == 0x2002) // 6to4 embeds arbitrary IPv4
-                || v6 == Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 1)
         }
     }
 }
@@ -171,6 +186,10 @@ mod tests {
             "http://[fd00:ec2::254]/",
             "http://[fe80::1]/",
             "http://[::ffff:127.0.0.1]/",
+            "http://[::127.0.0.1]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[64:ff9b:1::a9fe:a9fe]/",
+            "http://[::ffff:0:a9fe:a9fe]/",
             "http://localhost:8080/",
             "http://api.localhost/",
             "file:///etc/passwd",

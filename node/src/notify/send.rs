@@ -165,7 +165,7 @@ impl Outbound {
         };
         let url = match reqwest::Url::parse(&r.url) {
             Ok(u) => u,
-            Err(e) => return refuse(format!("URL `{}`: {e}", r.url)),
+            Err(e) => return refuse(format!("its URL does not parse: {e}")),
         };
         let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
         if !host_allowed(allowed, host) {
@@ -190,6 +190,9 @@ impl Outbound {
                 }
                 _ => return refuse(format!("header `{k}` is not a valid header")),
             }
+        }
+        if !secret_headers.is_empty() && url.scheme() != "https" && !self.egress.explicitly_allowed(&url) {
+            return refuse("the channel's secret headers go only over https".into());
         }
         for (k, v) in secret_headers {
             if let (Ok(n), Ok(v)) =

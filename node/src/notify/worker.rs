@@ -98,7 +98,7 @@ pub struct Notifier {
     records: mpsc::Sender<(DeliveryRecord, oneshot::Sender<bool>)>,
     plugins: PluginServices,
     /// Notifier plugin instances of this node (calls are short; one at a time).
-    notifiers: Arc<Mutex<PluginHost>>,
+    notifiers: Arc<tokio::sync::Mutex<PluginHost>>,
 }
 
 impl Notifier {
@@ -113,7 +113,7 @@ impl Notifier {
         let outbound = Outbound::new(&cfg)?;
         let (records, rx) = mpsc::channel(4096);
         tracker.spawn(write_records(store.clone(), rx));
-        let notifiers = Arc::new(Mutex::new(PluginHost::new(plugins.runtime.clone())));
+        let notifiers = Arc::new(tokio::sync::Mutex::new(PluginHost::new(plugins.runtime.clone())));
         Ok(Arc::new(Notifier {
             control,
             store,
@@ -202,7 +202,8 @@ impl Notifier {
             // The first delivery of a job's first run has no record yet (unless the job was
             // queued twice beyond the stream's duplicate window, after a partition owner's
             // crash): the store read is skipped for it.
-            let fresh = job.run == 0 && msg.info().is_ok_and(|i| i.delivered == 1);
+            let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+            let fresh = job.run == 0 && delivered == 1;
             let channel = Uuid::parse_str(&job.channel_id)
                 .ok()
                 .and_then(|id| self.control.read().channel(job.tenant_id, &id).cloned());
@@ -217,7 +218,7 @@ impl Notifier {
             let me = self.clone();
             tracker.spawn(async move {
                 let _permit = permit;
-                let work = me.deliver(job, channel, lane.clone(), fresh);
+                let work = me.deliver(job, channel, lane.clone(), fresh, store_backoff(delivered));
                 tokio::pin!(work);
                 let mut progress =
                     tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
@@ -258,7 +259,17 @@ impl Notifier {
         }
     }
 
-    async fn deliver(&self, job: Job, channel: Option<Channel>, lane: Option<Arc<Lane>>, fresh: bool) -> Settle {
+    /// Works on one job. `backoff` is how long to wait before the job comes back when the store
+    /// or the dead-letter stream fails (growing with the job's deliveries, so a broken disk
+    /// does not turn into an endpoint hammered every second).
+    async fn deliver(
+        &self,
+        job: Job,
+        channel: Option<Channel>,
+        lane: Option<Arc<Lane>>,
+        fresh: bool,
+        backoff: Duration,
+    ) -> Settle {
         let tenant = job.tenant_id;
         let id = job.delivery_id;
         let stored = if fresh { Ok(None) } else { self.store.get_delivery(tenant, id).await };
@@ -267,7 +278,7 @@ impl Notifier {
             Ok(None) => DeliveryRecord::new(job.clone(), now_ms()),
             Err(e) => {
                 tracing::warn!(delivery_id = %id, error = %e, "cannot read delivery record; retrying shortly");
-                return Settle::Retry(Duration::from_secs(1));
+                return Settle::Retry(backoff);
             }
         };
         if job.run < record.job.run || (job.run == record.job.run && record.status != DeliveryStatus::Pending) {
@@ -281,15 +292,25 @@ impl Notifier {
         }
         let (Some(channel), Some(lane)) = (channel, lane) else {
             record.last_error = Some(format!("channel `{}` does not exist", record.job.channel_id));
-            return self.fail(record).await;
+            return self.fail(record, backoff).await;
         };
         if let Some(d) = &channel.disabled {
             record.last_error = Some(format!("channel is disabled: {}", d.reason));
-            return self.fail(record).await;
+            return self.fail(record, backoff).await;
         }
         let Ok(_permit) = lane.permits.acquire().await else { return Settle::Retry(LANE_FULL_DELAY) };
         if let Some(limiter) = &lane.limiter {
             limiter.until_ready().await;
+        }
+        // The wait may have been long: the channel as it is now (changed target, new headers,
+        // disabled or deleted meanwhile).
+        let Some(channel) = self.control.read().channel(tenant, &channel.id).cloned() else {
+            record.last_error = Some(format!("channel `{}` does not exist", record.job.channel_id));
+            return self.fail(record, backoff).await;
+        };
+        if let Some(d) = &channel.disabled {
+            record.last_error = Some(format!("channel is disabled: {}", d.reason));
+            return self.fail(record, backoff).await;
         }
         let (message, event) = self.render(&record.job, &channel).await;
         let payload = payload(&record.job, &message);
@@ -308,7 +329,7 @@ impl Notifier {
             record.next_attempt_at_ms = None;
             lane.exhausted_in_row.store(0, Ordering::Relaxed);
             if !self.save(record.clone()).await {
-                return Settle::Retry(Duration::from_secs(1));
+                return Settle::Retry(backoff);
             }
             metrics::counter!(telemetry::NOTIFY_DELIVERIES, "status" => "delivered").increment(1);
             metrics::histogram!(telemetry::NOTIFY_QUEUE_TO_DELIVERED)
@@ -317,7 +338,7 @@ impl Notifier {
         }
         if outcome.gone {
             record.last_error = Some("the endpoint answered 410 Gone; the channel was disabled".into());
-            let settle = self.fail(record).await;
+            let settle = self.fail(record, backoff).await;
             self.disable(&channel, "the endpoint answered 410 Gone".into()).await;
             return settle;
         }
@@ -327,13 +348,13 @@ impl Notifier {
                 let delay = jitter(Duration::from_secs(*secs));
                 record.next_attempt_at_ms = Some(now_ms() + delay.as_millis() as i64);
                 if !self.save(record).await {
-                    return Settle::Retry(Duration::from_secs(1));
+                    return Settle::Retry(backoff);
                 }
                 Settle::Retry(delay)
             }
             None => {
                 let streak = lane.exhausted_in_row.fetch_add(1, Ordering::Relaxed) + 1;
-                let settle = self.fail(record).await;
+                let settle = self.fail(record, backoff).await;
                 if streak >= self.cfg.disable_after_failed_deliveries {
                     lane.exhausted_in_row.store(0, Ordering::Relaxed);
                     self.disable(&channel, format!("{streak} deliveries in a row failed every attempt")).await;
@@ -344,17 +365,17 @@ impl Notifier {
     }
 
     /// Finishes a delivery as failed: recorded, dead-lettered, acked.
-    async fn fail(&self, mut record: DeliveryRecord) -> Settle {
+    async fn fail(&self, mut record: DeliveryRecord, backoff: Duration) -> Settle {
         record.status = DeliveryStatus::Failed;
         record.next_attempt_at_ms = None;
         record.updated_at_ms = now_ms();
         if let Err(e) = self.queue.dead_letter(&record).await {
             tracing::warn!(delivery_id = %record.id(), error = %e, "cannot dead-letter job; retrying shortly");
-            return Settle::Retry(Duration::from_secs(1));
+            return Settle::Retry(backoff);
         }
         let (id, tenant, error) = (record.id(), record.job.tenant_id, record.last_error.clone());
         if !self.save(record).await {
-            return Settle::Retry(Duration::from_secs(1));
+            return Settle::Retry(backoff);
         }
         metrics::counter!(telemetry::NOTIFY_DELIVERIES, "status" => "failed").increment(1);
         tracing::warn!(delivery_id = %id, tenant_id = %tenant, error = ?error, "delivery failed; job dead-lettered");
@@ -470,17 +491,13 @@ impl Notifier {
         crate::plugins::store::ensure_loaded(&self.plugins.runtime, &self.plugins.modules, tenant, &digest).await?;
         let input = render_input(job, channel, config, message, event, wid)
             .map_err(|e| format!("cannot encode the notifier input: {e}"))?;
-        let host = self.notifiers.clone();
+        // Waiting for the host happens here, not in a blocking thread: one notifier call at a
+        // time occupies the blocking pool, whatever the number of deliveries waiting.
+        let mut host = self.notifiers.clone().lock_owned().await;
         let started = std::time::Instant::now();
-        let (result, fuel_used, logs) = tokio::task::spawn_blocking(move || {
-            let mut host = match host.lock() {
-                Ok(h) => h,
-                Err(p) => p.into_inner(),
-            };
-            host.render(tenant, &digest, &input)
-        })
-        .await
-        .map_err(|e| format!("notifier task: {e}"))?;
+        let (result, fuel_used, logs) = tokio::task::spawn_blocking(move || host.render(tenant, &digest, &input))
+            .await
+            .map_err(|e| format!("notifier task: {e}"))?;
         let outcome = match &result {
             Ok(_) => crate::plugins::Outcome::Decision(crate::plugins::Decision {
                 fire: true,
@@ -519,6 +536,13 @@ fn attempt(o: &Outcome, at_ms: i64, run: u32) -> Attempt {
         error: o.error.clone(),
         run,
     }
+}
+
+/// Back-off for a job the store or the dead-letter stream could not take: 1 s, doubling with
+/// each delivery of the job, at most 5 minutes.
+fn store_backoff(delivered: i64) -> Duration {
+    let exp = delivered.clamp(1, 10) as u32 - 1;
+    Duration::from_secs((1u64 << exp).min(300))
 }
 
 /// ±10 % so retries of many deliveries that failed together spread out.

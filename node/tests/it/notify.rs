@@ -560,6 +560,8 @@ async fn a_notifier_plugin_renders_the_request_and_the_node_sends_it() {
     )
     .await;
     assert_eq!(ch["headers"]["authorization"], "***");
+    // Chat services put tokens in URL paths: views keep only scheme and host.
+    assert!(ch["config"]["url"].as_str().unwrap().ends_with("/***"), "{ch}");
     let channel_id = ch["id"].as_str().unwrap().to_string();
     create_rule(&s.api, &[&channel_id]).await;
     send_failure(&s.api, "card-1").await;
