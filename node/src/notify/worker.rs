@@ -52,7 +52,7 @@ use crate::store::EventStore;
 use crate::telemetry;
 
 const CONSUMER: &str = "notify-workers";
-/// How long a job of a full lane waits in the stream before it is offered again.
+/// How long a job of a full lane first waits in the stream before it is offered again.
 const LANE_FULL_DELAY: Duration = Duration::from_secs(1);
 /// Records one store commit takes at most.
 const MAX_RECORDS_PER_COMMIT: usize = 1024;
@@ -210,7 +210,11 @@ impl Notifier {
             let lane = channel.as_ref().map(|c| self.lane(c));
             if let Some(lane) = &lane {
                 if lane.queued.load(Ordering::Relaxed) >= self.cfg.max_queued_per_channel {
-                    let _ = msg.ack_with(AckKind::Nak(Some(LANE_FULL_DELAY))).await;
+                    // Backs off as the job keeps finding its lane full, so a channel with a
+                    // large backlog does not cycle all of it through the consumer every second.
+                    let exp = delivered.clamp(1, 3) as u32 - 1;
+                    let delay = LANE_FULL_DELAY * (1 << exp);
+                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
                     continue;
                 }
                 lane.queued.fetch_add(1, Ordering::Relaxed);
