@@ -54,6 +54,10 @@ pub struct NotifyConfig {
     /// Deliveries of one channel a node holds (in flight or waiting for the channel's
     /// concurrency); more are handed back to the stream for a second and taken up later.
     pub max_queued_per_channel: usize,
+    /// Deliveries of one tenant that may wait in the job stream for a retry at once (per node);
+    /// a failed attempt beyond it is dead-lettered at once, so one tenant's failing endpoints
+    /// cannot fill the stream every tenant's jobs pass through.
+    pub max_retrying_per_tenant: usize,
     /// A channel whose deliveries exhausted every retry this many times in a row is disabled.
     pub disable_after_failed_deliveries: u32,
     /// How long the previous signing secret stays valid after a rotation, seconds (default).
@@ -79,6 +83,7 @@ impl Default for NotifyConfig {
             max_channels_per_tenant: 100,
             max_in_flight: 2048,
             max_queued_per_channel: 256,
+            max_retrying_per_tenant: 10_000,
             disable_after_failed_deliveries: 5,
             secret_rotation_grace_secs: 24 * 3600,
             duplicate_window_secs: 600,

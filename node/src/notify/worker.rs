@@ -95,6 +95,8 @@ pub struct Notifier {
     outbound: Outbound,
     cfg: NotifyConfig,
     lanes: Mutex<HashMap<Uuid, Arc<Lane>>>,
+    /// Deliveries per tenant waiting in the stream for their next retry (seen from this node).
+    retrying: Mutex<HashMap<crate::model::TenantId, usize>>,
     records: mpsc::Sender<(DeliveryRecord, oneshot::Sender<bool>)>,
     plugins: PluginServices,
     /// Notifier plugin instances of this node (calls are short; one at a time).
@@ -121,6 +123,7 @@ impl Notifier {
             outbound,
             cfg,
             lanes: Mutex::new(HashMap::new()),
+            retrying: Mutex::new(HashMap::new()),
             records,
             plugins,
             notifiers,
@@ -162,8 +165,9 @@ impl Notifier {
                 durable_name: Some(CONSUMER.into()),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(self.cfg.ack_wait_secs),
-                // Jobs waiting for a retry stay pending; the limit must not stall the others.
-                max_ack_pending: 1_000_000,
+                // Jobs waiting for a retry stay pending, so the consumer has no limit of its
+                // own; `max_retrying_per_tenant` bounds them per tenant instead.
+                max_ack_pending: -1,
                 ..Default::default()
             })
             .await
@@ -289,6 +293,10 @@ impl Notifier {
             // A copy of a job already finished (or superseded by a replay).
             return Settle::Ack;
         }
+        if record.next_attempt_at_ms.take().is_some() {
+            // Back from a retry wait.
+            self.count_retrying(tenant, false);
+        }
         if job.run > record.job.run {
             record.job = job;
             record.status = DeliveryStatus::Pending;
@@ -348,6 +356,14 @@ impl Notifier {
         }
         let schedule = &channel.delivery.retry_schedule_secs;
         match schedule.get(record.run_attempts as usize - 1) {
+            Some(_) if !self.count_retrying(tenant, true) => {
+                let limit = self.cfg.max_retrying_per_tenant;
+                record.last_error = Some(format!(
+                    "{} (the tenant already has {limit} deliveries waiting for a retry; dead-lettered without one)",
+                    record.last_error.as_deref().unwrap_or("attempt failed")
+                ));
+                self.fail(record, backoff).await
+            }
             Some(secs) => {
                 let delay = jitter(Duration::from_secs(*secs));
                 record.next_attempt_at_ms = Some(now_ms() + delay.as_millis() as i64);
@@ -384,6 +400,28 @@ impl Notifier {
         metrics::counter!(telemetry::NOTIFY_DELIVERIES, "status" => "failed").increment(1);
         tracing::warn!(delivery_id = %id, tenant_id = %tenant, error = ?error, "delivery failed; job dead-lettered");
         Settle::Ack
+    }
+
+    /// Counts a tenant's deliveries waiting for a retry: `add` takes a place (false when the
+    /// tenant is at `max_retrying_per_tenant`), otherwise one comes back.
+    fn count_retrying(&self, tenant: crate::model::TenantId, add: bool) -> bool {
+        let mut map = match self.retrying.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let n = map.entry(tenant).or_insert(0);
+        if add {
+            if *n >= self.cfg.max_retrying_per_tenant {
+                return false;
+            }
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&tenant);
+            }
+        }
+        true
     }
 
     /// Writes a record through the group-committing writer; false when it could not.

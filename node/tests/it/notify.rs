@@ -599,3 +599,33 @@ async fn a_notifier_plugin_renders_the_request_and_the_node_sends_it() {
     assert!(t["attempt"]["error"].as_str().unwrap().contains("allowed_hosts"), "{t}");
     assert_eq!(rx.got().len(), 1);
 }
+
+/// A tenant's failing endpoints cannot fill the job stream: beyond its retry allowance a
+/// failed attempt is dead-lettered at once (and can be recovered later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_retry_backlog_is_bounded() {
+    let s = Setup::with(|cfg| {
+        allow_loopback(cfg);
+        cfg.notify.max_retrying_per_tenant = 1;
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.plan(&[500, 500, 500, 500]);
+    let ch =
+        create_channel(&s.api, json!({"kind": "webhook", "name": "down", "url": rx.base, "retry_schedule_secs": [60]}))
+            .await;
+    create_rule(&s.api, &[ch["id"].as_str().unwrap()]).await;
+    send_failure(&s.api, "backlog-1").await;
+    wait_delivery(&s.api, "", "pending").await;
+    eventually(30, "first attempt recorded", || {
+        let api = s.api.clone();
+        async move { deliveries(&api, "?status=pending").await.into_iter().find(|d| d["attempt_count"] == 1).map(|_| ()) }
+    })
+    .await;
+    send_failure(&s.api, "backlog-2").await;
+    let failed = wait_delivery(&s.api, "", "failed").await;
+    assert_eq!(failed["attempt_count"], 1);
+    assert!(failed["last_error"].as_str().unwrap().contains("waiting for a retry"), "{failed}");
+    assert_eq!(deliveries(&s.api, "?status=pending").await.len(), 1);
+    assert_eq!(dead_letters(&s.nats.url).await, 1);
+}
