@@ -114,7 +114,11 @@ fn main() {
     let n = env("BENCH_EVENTS", 100_000);
     let rt = Arc::new(PluginRuntime::new(&PluginsConfig::default()).unwrap());
     let tenant = Uuid::now_v7();
-    let plugins = register(&rt, tenant, &[("high-value", module("high-value")), ("velocity", module("velocity"))]);
+    let plugins = register(
+        &rt,
+        tenant,
+        &[("high-value", module("high-value")), ("velocity", module("velocity")), ("skips", wat_module("skips"))],
+    );
     let evs = payment_events(tenant, n, 1000, 1);
 
     let pairs = [
@@ -159,6 +163,10 @@ fn main() {
         );
     }
     println!("(µs/ev: the rule's own cost, baseline subtracted; ev/s: whole partition with that one rule)");
+    let floor = json!({"name": "p", "event_types": ["payment.failed"], "group_by": ["payload.card"], "cooldown_seconds": 600,
+                       "plugin": {"id": "skips", "config": {}}});
+    let (f, _) = best_of(&rt, &evs, &set_of(vec![(tenant, tenant_rules(tenant, &[floor], &plugins))]));
+    println!("call floor (skips.wat: decides without reading its input): {:.2} µs/event", f * 1e6 / n as f64 - base_us);
 
     if env("BENCH_NOISY_SECS", 5) > 0 {
         noisy_neighbour(&rt);

@@ -3,7 +3,8 @@
 //! MessagePack (as partition owners do), evaluated, and its effects taken per 500-event batch
 //! with a state checkpoint every 20,000 events.
 //!
-//! Run: `cargo bench -p signalops-node --bench rules` (env: BENCH_EVENTS, BENCH_GROUPS).
+//! Run: `cargo bench -p signalops-node --bench rules` (env: BENCH_EVENTS, BENCH_GROUPS, and
+//! BENCH_RULES, the rule counts to run, default `1,10,100`).
 //! Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -84,7 +85,11 @@ fn main() {
     let (base, _) = run(&evs, &rule_set(tenant, 0));
     let base_us = base * 1e6 / n as f64;
     println!("{:>6} {:>12.0} {:>14.2} {:>16} {:>8}", 0, n as f64 / base, base_us, "-", 0);
-    for rules in [1, 10, 100] {
+    let counts: Vec<usize> = std::env::var("BENCH_RULES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 10, 100]);
+    for rules in counts {
         let set = rule_set(tenant, rules);
         let (secs, alerts) = run(&evs, &set);
         let us = secs * 1e6 / n as f64;

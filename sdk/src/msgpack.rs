@@ -261,12 +261,204 @@ pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
     Ok(v)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// Decodes exactly one value from `bytes` into `slot`, reusing the strings, vectors and maps
+/// `slot` already holds where the new value has the same shape (the plugin entry points decode
+/// every event this way, so a steady stream of alike events allocates nothing). On error `slot`
+/// holds a partial value.
+pub fn decode_into(bytes: &[u8], slot: &mut Value) -> Result<(), DecodeError> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    r.value_into(0, slot)?;
+    if r.pos != bytes.len() {
+        return Err(DecodeError::Trailing);
+    }
+    Ok(())
+}
+
+/// Where the value starting at `bytes[0]` ends (its encoded length), without decoding it.
+pub fn value_len(bytes: &[u8]) -> Result<usize, DecodeError> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    r.skip(0)?;
+    Ok(r.pos)
+}
+
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
+}
+
+/// The bytes as text. Event strings are almost always ASCII, which is checked inline here
+/// (the general UTF-8 check is an out-of-line call that dominated decoding short strings).
+#[inline]
+fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
+    if b.is_ascii() {
+        // SAFETY: ASCII bytes are valid UTF-8.
+        Ok(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).map_err(|_| DecodeError::Utf8)
+    }
+}
+
+fn set_str(slot: &mut Value, s: &str) {
+    match slot {
+        Value::Str(old) => {
+            old.clear();
+            old.push_str(s);
+        }
+        _ => *slot = Value::Str(s.to_string()),
+    }
 }
 
 impl<'a> Reader<'a> {
+    /// The header of the value at the cursor: its marker and, for strings, binaries, arrays
+    /// and maps, its length.
+    fn header(&mut self) -> Result<(u8, usize), DecodeError> {
+        let m = self.u8()?;
+        let n = match m {
+            0x80..=0x9f => (m & 0x0f) as usize,
+            0xa0..=0xbf => (m & 0x1f) as usize,
+            0xc4..=0xc6 => self.len(1 << (m - 0xc4))?,
+            0xd9..=0xdb => self.len(1 << (m - 0xd9))?,
+            0xdc | 0xde => self.len(2)?,
+            0xdd | 0xdf => self.len(4)?,
+            _ => 0,
+        };
+        Ok((m, n))
+    }
+
+    /// Reads a string value and returns it borrowed from the input.
+    pub(crate) fn read_str(&mut self) -> Result<Option<&'a str>, DecodeError> {
+        let start = self.pos;
+        let (m, n) = self.header()?;
+        match m {
+            0xa0..=0xbf | 0xd9..=0xdb => {
+                let b = self.take(n)?;
+                utf8(b).map(Some)
+            }
+            _ => {
+                self.pos = start;
+                self.skip(0)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads a map header; `None` (with the value skipped) when the value is not a map.
+    pub(crate) fn read_map_len(&mut self) -> Result<Option<usize>, DecodeError> {
+        let start = self.pos;
+        let (m, n) = self.header()?;
+        match m {
+            0x80..=0x8f | 0xde | 0xdf => Ok(Some(n)),
+            _ => {
+                self.pos = start;
+                self.skip(0)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Steps over one value.
+    pub(crate) fn skip(&mut self, depth: usize) -> Result<(), DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        let (m, n) = self.header()?;
+        let fixed = match m {
+            0x80..=0x8f | 0xde | 0xdf => {
+                for _ in 0..n {
+                    self.skip(depth + 1)?;
+                    self.skip(depth + 1)?;
+                }
+                0
+            }
+            0x90..=0x9f | 0xdc | 0xdd => {
+                for _ in 0..n {
+                    self.skip(depth + 1)?;
+                }
+                0
+            }
+            0xa0..=0xbf | 0xc4..=0xc6 | 0xd9..=0xdb => n,
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => 0,
+            0xca => 4,
+            0xcb => 8,
+            0xcc | 0xd0 => 1,
+            0xcd | 0xd1 => 2,
+            0xce | 0xd2 => 4,
+            0xcf | 0xd3 => 8,
+            other => return Err(DecodeError::Unsupported(other)),
+        };
+        self.take(fixed).map(|_| ())
+    }
+
+    /// Decodes one value into `slot`, reusing its allocations.
+    pub(crate) fn value_into(&mut self, depth: usize, slot: &mut Value) -> Result<(), DecodeError> {
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::TooDeep);
+        }
+        let m = match self.buf.get(self.pos) {
+            Some(m) => *m,
+            None => return Err(DecodeError::Truncated),
+        };
+        match m {
+            0xa0..=0xbf | 0xd9..=0xdb => {
+                let (_, n) = self.header()?;
+                let b = self.take(n)?;
+                let s = utf8(b)?;
+                set_str(slot, s);
+            }
+            0x80..=0x8f | 0xde | 0xdf => {
+                let (_, n) = self.header()?;
+                if n > (self.buf.len() - self.pos) / 2 {
+                    return Err(DecodeError::Truncated);
+                }
+                if !matches!(slot, Value::Map(_)) {
+                    *slot = Value::Map(Vec::with_capacity(n));
+                }
+                if let Value::Map(entries) = slot {
+                    entries.truncate(n);
+                    for i in 0..n {
+                        if i == entries.len() {
+                            entries.push((Value::Nil, Value::Nil));
+                        }
+                        let (k, v) = &mut entries[i];
+                        self.value_into(depth + 1, k)?;
+                        self.value_into(depth + 1, v)?;
+                    }
+                }
+            }
+            0x90..=0x9f | 0xdc | 0xdd => {
+                let (_, n) = self.header()?;
+                if n > self.buf.len() - self.pos {
+                    return Err(DecodeError::Truncated);
+                }
+                if !matches!(slot, Value::Array(_)) {
+                    *slot = Value::Array(Vec::with_capacity(n));
+                }
+                if let Value::Array(items) = slot {
+                    items.truncate(n);
+                    for i in 0..n {
+                        if i == items.len() {
+                            items.push(Value::Nil);
+                        }
+                        self.value_into(depth + 1, &mut items[i])?;
+                    }
+                }
+            }
+            0xc4..=0xc6 => {
+                let (_, n) = self.header()?;
+                let b = self.take(n)?;
+                match slot {
+                    Value::Bin(old) => {
+                        old.clear();
+                        old.extend_from_slice(b);
+                    }
+                    _ => *slot = Value::Bin(b.to_vec()),
+                }
+            }
+            _ => *slot = self.value(depth)?,
+        }
+        Ok(())
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated)?;
         let s = self.buf.get(self.pos..end).ok_or(DecodeError::Truncated)?;
@@ -294,7 +486,7 @@ impl<'a> Reader<'a> {
 
     fn str(&mut self, len: usize) -> Result<Value, DecodeError> {
         let b = self.take(len)?;
-        std::str::from_utf8(b).map(|s| Value::Str(s.to_string())).map_err(|_| DecodeError::Utf8)
+        utf8(b).map(|s| Value::Str(s.to_string()))
     }
 
     fn array(&mut self, len: usize, depth: usize) -> Result<Value, DecodeError> {
@@ -515,6 +707,30 @@ mod tests {
         assert_eq!(decode(&[0xa1, 0xff]), Err(DecodeError::Utf8));
         assert_eq!(decode(&[0xc0, 0xc0]), Err(DecodeError::Trailing));
         assert_eq!(decode(&[0x91; 100]), Err(DecodeError::TooDeep));
+    }
+
+    #[test]
+    fn decoding_into_a_value_reuses_it_and_matches_decode() {
+        let docs = [
+            Value::map(vec![("a", Value::from("x")), ("b", Value::Array(vec![Value::Int(1), Value::from("y")]))]),
+            Value::map(vec![("a", Value::from("longer text")), ("b", Value::Array(vec![]))]),
+            Value::map(vec![("a", Value::Int(3)), ("c", Value::Bin(vec![1, 2])), ("d", Value::Nil)]),
+            Value::from("not a map"),
+            Value::map(vec![("a", Value::Map(vec![(Value::Int(1), Value::Float(2.5))]))]),
+        ];
+        let mut slot = Value::Nil;
+        for d in &docs {
+            let mut b = Vec::new();
+            encode(d, &mut b);
+            decode_into(&b, &mut slot).unwrap();
+            assert_eq!(&slot, d);
+            assert_eq!(value_len(&b), Ok(b.len()));
+        }
+        assert_eq!(decode_into(&[0xa3, b'a'], &mut slot), Err(DecodeError::Truncated));
+        assert_eq!(decode_into(&[0x91; 100], &mut slot), Err(DecodeError::TooDeep));
+        assert_eq!(decode_into(&[0xc0, 0xc0], &mut slot), Err(DecodeError::Trailing));
+        assert_eq!(value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff]), Err(DecodeError::Truncated));
+        assert_eq!(value_len(&[0xc1]), Err(DecodeError::Unsupported(0xc1)));
     }
 
     #[test]

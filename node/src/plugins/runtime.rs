@@ -214,6 +214,10 @@ pub struct HostCtx {
     state: PluginState,
     now_ms: i64,
     logs: Vec<LogLine>,
+    /// Whether `log` lines are kept (test runs and dry-runs) or only checked and charged.
+    keep_logs: bool,
+    /// The instance's memory, once instantiated.
+    memory: Option<Memory>,
     memory_denied: bool,
     limits: Limits,
 }
@@ -257,17 +261,30 @@ fn sig(params: impl Iterator<Item = ValType>, results: impl Iterator<Item = ValT
     (params.map(code).collect(), results.map(code).collect())
 }
 
-/// Reads `len` bytes at `ptr` of the caller's memory.
-fn guest_bytes(caller: &mut Caller<'_, HostCtx>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
-    let mem = caller
+/// The caller's memory (remembered at instantiation; looked up by name before that).
+fn guest_memory(caller: &mut Caller<'_, HostCtx>) -> wasmtime::Result<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
+    caller
         .get_export("memory")
         .and_then(|e| e.into_memory())
-        .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
-    let data = mem.data(&caller);
+        .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))
+}
+
+/// Runs `f` over the `len` bytes at `ptr` of the caller's memory (borrowed, not copied), with
+/// the host context; an out-of-bounds buffer traps.
+fn with_guest_bytes<R>(
+    caller: &mut Caller<'_, HostCtx>,
+    ptr: i32,
+    len: i32,
+    f: impl FnOnce(&[u8], &mut HostCtx) -> R,
+) -> wasmtime::Result<R> {
+    let mem = guest_memory(caller)?;
+    let (data, ctx) = mem.data_and_store_mut(caller);
     let start = ptr as u32 as usize;
-    let end = start.checked_add(len as u32 as usize).filter(|&e| e <= data.len());
-    match end {
-        Some(end) => Ok(data[start..end].to_vec()),
+    match start.checked_add(len as u32 as usize).and_then(|end| data.get(start..end)) {
+        Some(bytes) => Ok(f(bytes, ctx)),
         None => Err(wasmtime::Error::msg(format!("host call with out-of-bounds buffer {ptr}+{len}"))),
     }
 }
@@ -288,18 +305,19 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
     l.func_wrap(IMPORT_MODULE, "log", |mut c: Caller<'_, HostCtx>, level: i32, ptr: i32, len: i32| {
         charge(&mut c, len.max(0) as usize)?;
         let cap = c.data().limits.max_log_line_bytes;
-        let bytes = guest_bytes(&mut c, ptr, len.min(cap as i32))?;
-        let ctx = c.data_mut();
-        if ctx.logs.len() < ctx.limits.max_log_lines {
-            let level = match level {
-                0 => "debug",
-                1 => "info",
-                2 => "warn",
-                _ => "error",
-            };
-            ctx.logs.push(LogLine { level, message: String::from_utf8_lossy(&bytes).into_owned() });
-        }
-        Ok(())
+        with_guest_bytes(&mut c, ptr, len.min(cap as i32), |bytes, ctx| {
+            // The buffer is checked (and the call charged) whether or not lines are kept, so a
+            // test run and the live path trap alike.
+            if ctx.keep_logs && ctx.logs.len() < ctx.limits.max_log_lines {
+                let level = match level {
+                    0 => "debug",
+                    1 => "info",
+                    2 => "warn",
+                    _ => "error",
+                };
+                ctx.logs.push(LogLine { level, message: String::from_utf8_lossy(bytes).into_owned() });
+            }
+        })
     })?;
     l.func_wrap(IMPORT_MODULE, "now_ms", |c: Caller<'_, HostCtx>| c.data().now_ms)?;
     l.func_wrap(
@@ -307,31 +325,26 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
         "window_add",
         |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32, delta: i64| {
             charge(&mut c, kl.max(0) as usize)?;
-            let key = guest_bytes(&mut c, kp, kl)?;
-            let ctx = c.data_mut();
-            let limits = ctx.limits.state;
-            Ok(ctx.state.window_add(&key, ctx.now_ms, seconds as i64, delta, limits))
+            with_guest_bytes(&mut c, kp, kl, |key, ctx| {
+                let limits = ctx.limits.state;
+                ctx.state.window_add(key, ctx.now_ms, seconds as i64, delta, limits)
+            })
         },
     )?;
     l.func_wrap(IMPORT_MODULE, "window_sum", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32| {
         charge(&mut c, kl.max(0) as usize)?;
-        let key = guest_bytes(&mut c, kp, kl)?;
-        let ctx = c.data_mut();
-        Ok(ctx.state.window_sum(&key, ctx.now_ms, seconds as i64))
+        with_guest_bytes(&mut c, kp, kl, |key, ctx| ctx.state.window_sum(key, ctx.now_ms, seconds as i64))
     })?;
     l.func_wrap(
         IMPORT_MODULE,
         "state_get",
         |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, out: i32, cap: i32| -> wasmtime::Result<i32> {
             charge(&mut c, kl.max(0) as usize)?;
-            let key = guest_bytes(&mut c, kp, kl)?;
-            let Some(value) = c.data().state.state_get(&key).map(<[u8]>::to_vec) else { return Ok(-1) };
+            let value = with_guest_bytes(&mut c, kp, kl, |key, ctx| ctx.state.state_get(key).map(<[u8]>::to_vec))?;
+            let Some(value) = value else { return Ok(-1) };
             if value.len() <= cap.max(0) as usize {
                 charge(&mut c, value.len())?;
-                let mem = c
-                    .get_export("memory")
-                    .and_then(|e| e.into_memory())
-                    .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
+                let mem = guest_memory(&mut c)?;
                 mem.write(&mut c, out as u32 as usize, &value)
                     .map_err(|_| wasmtime::Error::msg(format!("state_get into out-of-bounds buffer {out}+{cap}")))?;
             }
@@ -346,17 +359,16 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
             if vl as u32 as usize > super::state::MAX_VALUE_BYTES {
                 return Ok(super::state::ERR_INVALID as i32);
             }
-            let key = guest_bytes(&mut c, kp, kl)?;
-            let value = guest_bytes(&mut c, vp, vl)?;
-            let ctx = c.data_mut();
-            let limits = ctx.limits.state;
-            Ok(ctx.state.state_set(&key, &value, limits) as i32)
+            let key = with_guest_bytes(&mut c, kp, kl, |key, _| key.to_vec())?;
+            with_guest_bytes(&mut c, vp, vl, |value, ctx| {
+                let limits = ctx.limits.state;
+                ctx.state.state_set(&key, value, limits) as i32
+            })
         },
     )?;
     l.func_wrap(IMPORT_MODULE, "state_delete", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32| {
         charge(&mut c, kl.max(0) as usize)?;
-        let key = guest_bytes(&mut c, kp, kl)?;
-        Ok(c.data_mut().state.state_delete(&key) as i32)
+        with_guest_bytes(&mut c, kp, kl, |key, ctx| ctx.state.state_delete(key) as i32)
     })?;
     Ok(l)
 }
@@ -453,6 +465,8 @@ impl PluginRuntime {
             state: PluginState::default(),
             now_ms: 0,
             logs: Vec::new(),
+            keep_logs: true,
+            memory: None,
             memory_denied: false,
             limits: self.limits,
         };
@@ -562,11 +576,18 @@ pub struct PluginHost {
     runtime: Arc<PluginRuntime>,
     instances: HashMap<(TenantId, Digest), Live>,
     buf: Vec<u8>,
+    keep_logs: bool,
 }
 
 impl PluginHost {
     pub fn new(runtime: Arc<PluginRuntime>) -> PluginHost {
-        PluginHost { runtime, instances: HashMap::new(), buf: Vec::new() }
+        PluginHost { runtime, instances: HashMap::new(), buf: Vec::new(), keep_logs: true }
+    }
+
+    /// Whether calls keep the lines plugins log (on by default). A partition owner turns it
+    /// off: its call reports only feed health statistics, which have no use for them.
+    pub fn set_keep_logs(&mut self, keep: bool) {
+        self.keep_logs = keep;
     }
 
     pub fn runtime(&self) -> &Arc<PluginRuntime> {
@@ -590,7 +611,10 @@ impl PluginHost {
             Ok((memory, alloc, entry))
         })();
         match r {
-            Ok((memory, alloc, entry)) => Ok(Live { store, memory, alloc, entry }),
+            Ok((memory, alloc, entry)) => {
+                store.data_mut().memory = Some(memory);
+                Ok(Live { store, memory, alloc, entry })
+            }
             Err(e) => Err(classify(&e, store.data().memory_denied)),
         }
     }
@@ -668,6 +692,7 @@ impl PluginHost {
         {
             let ctx = live.store.data_mut();
             ctx.now_ms = input.time_ms;
+            ctx.keep_logs = self.keep_logs;
             ctx.logs.clear();
             ctx.memory_denied = false;
         }
@@ -804,6 +829,17 @@ pub fn decode_request(bytes: &[u8]) -> Result<PluginRequest, Failure> {
 
 /// Reads an ABI v1 output map.
 pub fn decode_output(bytes: &[u8]) -> Result<Decision, Failure> {
+    // Most calls decide not to fire, and say so in exactly these bytes (what the SDK writes for
+    // `Decision::skip()`): `{"fire": false}` / `{"fire": true}`.
+    if let [0x81, 0xa4, b'f', b'i', b'r', b'e', b @ (0xc2 | 0xc3)] = bytes {
+        return Ok(Decision {
+            fire: *b == 0xc3,
+            severity: None,
+            title: None,
+            labels: BTreeMap::new(),
+            fields: serde_json::Map::new(),
+        });
+    }
     let raw: RawOutput = rmp_serde::from_slice(bytes)
         .map_err(|e| failure(FailureKind::BadOutput, format!("output is not an ABI v1 decision map: {e}")))?;
     if let Some(msg) = raw.error {
@@ -839,8 +875,9 @@ fn encode_input(buf: &mut Vec<u8>, input: &CallInput<'_>) {
     let _ = w::write_map_len(buf, 9);
     let _ = w::write_str(buf, "id");
     let _ = w::write_str(buf, &ev.id);
+    let mut uuid_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let _ = w::write_str(buf, "tenant_id");
-    let _ = w::write_str(buf, &ev.tenant_id.to_string());
+    let _ = w::write_str(buf, ev.tenant_id.hyphenated().encode_lower(&mut uuid_text));
     let _ = w::write_str(buf, "type");
     let _ = w::write_str(buf, &ev.event_type);
     for (k, v) in [("source", &ev.source), ("user_id", &ev.user_id), ("session_id", &ev.session_id)] {
@@ -867,7 +904,7 @@ fn encode_input(buf: &mut Vec<u8>, input: &CallInput<'_>) {
     let _ = w::write_str(buf, "rule");
     let _ = w::write_map_len(buf, 2);
     let _ = w::write_str(buf, "id");
-    let _ = w::write_str(buf, &input.rule_id.to_string());
+    let _ = w::write_str(buf, input.rule_id.hyphenated().encode_lower(&mut uuid_text));
     let _ = w::write_str(buf, "version");
     let _ = w::write_uint(buf, input.rule_version as u64);
 }
@@ -875,4 +912,21 @@ fn encode_input(buf: &mut Vec<u8>, input: &CallInput<'_>) {
 /// Encodes a rule's `plugin.config` once, when the rule is compiled.
 pub fn encode_config(config: &Value) -> Arc<[u8]> {
     rmp_serde::to_vec(config).unwrap_or_else(|_| vec![0x80]).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_short_decisions_read_like_any_other_map() {
+        for fire in [false, true] {
+            let short = decode_output(&[0x81, 0xa4, b'f', b'i', b'r', b'e', if fire { 0xc3 } else { 0xc2 }]);
+            // The same map in a longer form (str8 key) goes through the general reader.
+            let long = decode_output(&[0x81, 0xd9, 4, b'f', b'i', b'r', b'e', if fire { 0xc3 } else { 0xc2 }]);
+            assert_eq!(short.as_ref().ok(), long.as_ref().ok());
+            assert_eq!(short.map(|d| d.fire).ok(), Some(fire));
+        }
+        assert!(decode_output(&[0x81, 0xa4, b'f', b'i', b'r', b'e', 0xc0]).is_err(), "fire must be a boolean");
+    }
 }

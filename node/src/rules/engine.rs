@@ -248,7 +248,8 @@ impl Engine {
 
     /// Lets the engine run plugin rules (without, plugin rules never fire and nothing is
     /// recorded; dry-runs of declarative rules need none).
-    pub fn set_plugins(&mut self, plugins: EnginePlugins) {
+    pub fn set_plugins(&mut self, mut plugins: EnginePlugins) {
+        plugins.host.set_keep_logs(plugins.reports.is_some());
         self.plugins = Some(plugins);
     }
 
@@ -448,6 +449,7 @@ impl Engine {
                 .and_then(|r| r.groups.get_mut(&group));
             if let Some(g) = g {
                 g.alert_dirty = false;
+                refresh_event_ids(g);
                 if let Some(open) = &g.open {
                     out.alerts.push(open.clone());
                 }
@@ -607,6 +609,16 @@ fn mark_dirty(out: &mut Out, tenant: TenantId, rule: Uuid, key: &str, g: &mut Gr
     }
 }
 
+/// Copies the group's recent event ids into its open alert (an event or plugin rule's open
+/// alert collects the ids of the matches that keep it open; they are copied once per batch,
+/// when the alert is written, not on every match).
+fn refresh_event_ids(g: &mut GroupState) {
+    if let Some(open) = g.open.as_mut() {
+        open.event_ids.clear();
+        open.event_ids.extend(g.recent.iter().map(|s| s.to_string()));
+    }
+}
+
 fn mark_alert(out: &mut Out, tenant: TenantId, rule: Uuid, key: &str, g: &mut GroupState) {
     if !g.alert_dirty {
         g.alert_dirty = true;
@@ -659,7 +671,10 @@ fn sync_tenant(tenant: TenantId, ts: &mut TenantState, compiled: &Arc<TenantRule
 
 /// Resolves a removed rule's open alerts and deletes its stored state.
 fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out: &mut Out) {
-    for (key, g) in rs.groups {
+    for (key, mut g) in rs.groups {
+        if g.alert_dirty {
+            refresh_event_ids(&mut g);
+        }
         if let Some(mut alert) = g.open {
             alert.state = AlertState::Resolved;
             alert.resolved_at_ms = Some(clock);
@@ -761,7 +776,7 @@ fn on_group_event(
             g.last_seen_ms = Some(g.last_seen_ms.map_or(t, |s| s.max(t)));
             if let Some(open) = g.open.as_mut() {
                 open.value += 1.0;
-                open.event_ids = g.recent.iter().map(|s| s.to_string()).collect();
+                // Its `event_ids` are brought up to date when the alert is written out.
                 mark_alert(out, ctx.tenant, rule.id(), key, g);
             } else if cooldown_over(rule, g, t) {
                 fire(ctx, rule, g, key, t, 1.0, out, decision);
@@ -851,6 +866,9 @@ fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, ke
     let now = g.head_ms.max(ctx.clock_ms - ctx.cfg.allowed_lateness_ms);
     let Some(last) = g.last_seen_ms else { return };
     if g.open.is_some() && now >= last.saturating_add(rule.cooldown_ms) {
+        if g.alert_dirty {
+            refresh_event_ids(g);
+        }
         if let Some(mut a) = g.open.take() {
             a.state = AlertState::Resolved;
             a.resolved_at_ms = Some(last.saturating_add(rule.cooldown_ms));
@@ -1113,6 +1131,25 @@ mod tests {
     fn count_rule(threshold: f64, op: &str) -> Value {
         json!({"name": "r", "event_types": ["payment.*"], "group_by": ["payload.card"],
                "window": {"seconds": 10, "aggregate": "count", "op": op, "threshold": threshold}})
+    }
+
+    #[test]
+    fn an_event_alerts_sample_follows_its_matches_until_it_resolves() {
+        let set = rules(&[json!({"name": "r", "event_types": ["payment.*"], "cooldown_seconds": 10})]);
+        let mut e = Engine::new(0, cfg());
+        let evs: Vec<EventRecord> = (0..3).map(|i| event(&format!("e{i}"), i * S, json!({}))).collect();
+        let input = |i: usize| Input::Event { seq: i as u64 + 1, record: &evs[i] };
+        // Fired by e0; e1 folds into it in the same batch.
+        e.process(input(0), &set);
+        e.process(input(1), &set);
+        let written = e.take_effects(false).alerts;
+        assert_eq!(written.last().map(|a| (a.value, a.event_ids.clone())), Some((2.0, vec!["e0".into(), "e1".into()])));
+        // e2 folds in, and the alert resolves (cooldown over) before the batch is taken.
+        e.process(input(2), &set);
+        e.process(Input::Tick { seq: 4, at_ms: 80 * S }, &set);
+        let written = e.take_effects(false).alerts;
+        let resolved = written.iter().find(|a| a.state == AlertState::Resolved).expect("resolved");
+        assert_eq!((resolved.value, resolved.event_ids.as_slice()), (3.0, &["e0", "e1", "e2"].map(String::from)[..]));
     }
 
     #[test]
