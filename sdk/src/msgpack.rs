@@ -253,11 +253,8 @@ impl fmt::Display for DecodeError {
 
 /// Decodes exactly one value from `bytes`.
 pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
-    let mut r = Reader { buf: bytes, pos: 0 };
-    let v = r.value(0)?;
-    if r.pos != bytes.len() {
-        return Err(DecodeError::Trailing);
-    }
+    let mut v = Value::Nil;
+    decode_into(bytes, &mut v)?;
     Ok(v)
 }
 
@@ -454,7 +451,7 @@ impl<'a> Reader<'a> {
                     _ => *slot = Value::Bin(b.to_vec()),
                 }
             }
-            _ => *slot = self.value(depth)?,
+            _ => *slot = self.scalar()?,
         }
         Ok(())
     }
@@ -484,54 +481,15 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn str(&mut self, len: usize) -> Result<Value, DecodeError> {
-        let b = self.take(len)?;
-        utf8(b).map(|s| Value::Str(s.to_string()))
-    }
-
-    fn array(&mut self, len: usize, depth: usize) -> Result<Value, DecodeError> {
-        // Every element takes at least one byte: a claimed length beyond the input is truncated
-        // input, not a reason to reserve memory.
-        if len > self.buf.len() - self.pos {
-            return Err(DecodeError::Truncated);
-        }
-        let mut out = Vec::with_capacity(len);
-        for _ in 0..len {
-            out.push(self.value(depth + 1)?);
-        }
-        Ok(Value::Array(out))
-    }
-
-    fn map(&mut self, len: usize, depth: usize) -> Result<Value, DecodeError> {
-        if len > (self.buf.len() - self.pos) / 2 {
-            return Err(DecodeError::Truncated);
-        }
-        let mut out = Vec::with_capacity(len);
-        for _ in 0..len {
-            let k = self.value(depth + 1)?;
-            let v = self.value(depth + 1)?;
-            out.push((k, v));
-        }
-        Ok(Value::Map(out))
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Value, DecodeError> {
-        if depth > MAX_DEPTH {
-            return Err(DecodeError::TooDeep);
-        }
+    /// Reads a scalar (anything but strings, binaries, arrays and maps, which
+    /// [`Reader::value_into`] reads).
+    fn scalar(&mut self) -> Result<Value, DecodeError> {
         let m = self.u8()?;
         Ok(match m {
             0x00..=0x7f => Value::Int(m as i64),
-            0x80..=0x8f => return self.map((m & 0x0f) as usize, depth),
-            0x90..=0x9f => return self.array((m & 0x0f) as usize, depth),
-            0xa0..=0xbf => return self.str((m & 0x1f) as usize),
             0xc0 => Value::Nil,
             0xc2 => Value::Bool(false),
             0xc3 => Value::Bool(true),
-            0xc4..=0xc6 => {
-                let n = self.len(1 << (m - 0xc4))?;
-                Value::Bin(self.take(n)?.to_vec())
-            }
             0xca => Value::Float(f32::from_be_bytes(self.be()?) as f64),
             0xcb => Value::Float(f64::from_be_bytes(self.be()?)),
             0xcc => Value::Int(self.u8()? as i64),
@@ -542,18 +500,6 @@ impl<'a> Reader<'a> {
             0xd1 => Value::Int(i16::from_be_bytes(self.be()?) as i64),
             0xd2 => Value::Int(i32::from_be_bytes(self.be()?) as i64),
             0xd3 => Value::Int(i64::from_be_bytes(self.be()?)),
-            0xd9..=0xdb => {
-                let n = self.len(1 << (m - 0xd9))?;
-                return self.str(n);
-            }
-            0xdc | 0xdd => {
-                let n = self.len(if m == 0xdc { 2 } else { 4 })?;
-                return self.array(n, depth);
-            }
-            0xde | 0xdf => {
-                let n = self.len(if m == 0xde { 2 } else { 4 })?;
-                return self.map(n, depth);
-            }
             0xe0..=0xff => Value::Int(m as i8 as i64),
             other => return Err(DecodeError::Unsupported(other)),
         })
