@@ -47,23 +47,9 @@ fn install_panic_hook() {
     });
 }
 
-/// What the handler's input decodes to.
-pub struct Input {
-    pub event: Event,
-    pub config: Value,
-}
-
-/// Reads an ABI v1 input map.
-pub fn parse_input(bytes: &[u8]) -> Result<Input, String> {
-    let v = msgpack::decode(bytes).map_err(|e| format!("input is not MessagePack: {e}"))?;
-    check_abi(&v)?;
-    let event = v.get("event").and_then(Event::from_value).ok_or("input has no valid `event`")?;
-    Ok(Input { event, config: config_of(&v) })
-}
-
 /// Reads an ABI v1 input map into `event` and `config`, reusing their allocations: strings
 /// and payload maps are overwritten in place, and a config whose bytes equal `config.0` is not
-/// decoded again. Same result as [`parse_input`], without allocating per call in the steady state.
+/// decoded again. Nothing is allocated per call in the steady state.
 pub fn read_call(bytes: &[u8], event: &mut Event, config: &mut (Vec<u8>, Value)) -> Result<(), String> {
     let bad = |e: msgpack::DecodeError| format!("input is not MessagePack: {e}");
     let mut r = msgpack::Reader { buf: bytes, pos: 0 };
@@ -261,6 +247,19 @@ pub fn run_rule(_ptr: i32, len: i32, handler: fn(&Event, &Value) -> Result<Decis
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference reader: the whole input decoded into a fresh tree.
+    struct Input {
+        event: Event,
+        config: Value,
+    }
+
+    fn parse_input(bytes: &[u8]) -> Result<Input, String> {
+        let v = msgpack::decode(bytes).map_err(|e| format!("input is not MessagePack: {e}"))?;
+        check_abi(&v)?;
+        let event = v.get("event").and_then(Event::from_value).ok_or("input has no valid `event`")?;
+        Ok(Input { event, config: config_of(&v) })
+    }
 
     fn input(event: Value, config: Option<Value>) -> Vec<u8> {
         let mut entries = vec![("abi", Value::Int(1)), ("event", event)];
