@@ -132,6 +132,10 @@ pub struct StreamConfig {
     pub duplicate_window_secs: u64,
     /// Maximum age of events kept in the stream, in seconds (0 keeps them until limits apply).
     pub max_age_secs: u64,
+    /// Publish requests without idempotency keys as JetStream fast batches (one
+    /// acknowledgement per request; needs nats-server 2.14+, otherwise publishing stays
+    /// pipelined). Turns on the stream's `allow_batched` option.
+    pub fast_batches: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,7 +273,7 @@ impl Default for NatsConfig {
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        StreamConfig { partitions: 16, replicas: 1, duplicate_window_secs: 120, max_age_secs: 0 }
+        StreamConfig { partitions: 16, replicas: 1, duplicate_window_secs: 120, max_age_secs: 0, fast_batches: true }
     }
 }
 

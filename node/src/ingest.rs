@@ -250,7 +250,7 @@ impl Ingestor {
         let mut failures = Vec::new();
         for ((slot, rec), result) in slots.into_iter().zip(to_publish).zip(results) {
             let status = match result {
-                Published::Stored(_) => EventStatus { id: rec.id, status: "accepted".into() },
+                Published::Stored => EventStatus { id: rec.id, status: "accepted".into() },
                 Published::Duplicate(seq) => match self.inner.log.read(seq).await {
                     Ok(first) => EventStatus { id: first.id, status: "duplicate".into() },
                     Err(e) => {

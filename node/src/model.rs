@@ -73,32 +73,19 @@ pub struct EncodedEvent {
     pub record: bytes::Bytes,
 }
 
-#[derive(Deserialize)]
-struct EventKeys {
-    id: String,
-    tenant_id: TenantId,
-    #[serde(rename = "type")]
-    event_type: String,
-    occurred_at_ms: i64,
-    received_at_ms: i64,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
 impl EncodedEvent {
-    /// Reads the key fields of a log message body.
-    pub fn from_log(record: bytes::Bytes, position: LogPosition) -> Result<Self, rmp_serde::decode::Error> {
-        let k: EventKeys = rmp_serde::from_slice(&record)?;
-        Ok(EncodedEvent {
-            tenant_id: k.tenant_id,
-            id: k.id,
-            event_type: k.event_type,
-            occurred_at_ms: k.occurred_at_ms,
-            received_at_ms: k.received_at_ms,
-            idempotency_key: k.idempotency_key,
+    /// The key fields of a log message body that is already decoded as `decoded`.
+    pub fn from_decoded(record: bytes::Bytes, decoded: &EventRecord, position: LogPosition) -> Self {
+        EncodedEvent {
+            tenant_id: decoded.tenant_id,
+            id: decoded.id.clone(),
+            event_type: decoded.event_type.clone(),
+            occurred_at_ms: decoded.occurred_at_ms,
+            received_at_ms: decoded.received_at_ms,
+            idempotency_key: decoded.idempotency_key.clone(),
             position,
             record,
-        })
+        }
     }
 
     /// Encodes a record the way the log does.
@@ -405,11 +392,11 @@ mod tests {
         r.source = Some("s".into());
         let pos = LogPosition { partition: 3, sequence: 9 };
         let enc = EncodedEvent::from_record(&r, pos).unwrap();
-        let back = EncodedEvent::from_log(enc.record.clone(), pos).unwrap();
+        let decoded: EventRecord = rmp_serde::from_slice(&enc.record).unwrap();
+        let back = EncodedEvent::from_decoded(enc.record.clone(), &decoded, pos);
         assert_eq!(back, enc);
         assert_eq!((back.id.as_str(), back.event_type.as_str(), back.tenant_id), ("e-1", "a.b", t));
         assert_eq!(back.idempotency_key.as_deref(), Some("id:e-1"));
-        let decoded: EventRecord = rmp_serde::from_slice(&back.record).unwrap();
         assert_eq!(decoded, r);
     }
 

@@ -258,14 +258,18 @@ pub fn spawn_all(
 /// A batch read from the log, on its way to the evaluator.
 struct ReadBatch {
     items: Vec<Item>,
-    events: Arc<[EncodedEvent]>,
+    /// The events decoded (the log is read once), in the order of `events`.
+    records: Vec<EventRecord>,
     outcomes: oneshot::Receiver<Vec<EventOutcome>>,
     last: async_nats::jetstream::Message,
 }
 
 enum Item {
-    /// Index into the batch's events.
-    Event(usize),
+    /// An event: its index into the batch's events and records, and its log sequence.
+    Event {
+        index: usize,
+        seq: u64,
+    },
     Tick {
         seq: u64,
         at_ms: i64,
@@ -388,10 +392,10 @@ async fn evaluate(
         }
         let checkpoint = last_checkpoint.elapsed() >= interval
             || engine.since_checkpoint() + batch.items.len() as u64 >= owners.rules.checkpoint_events;
-        let (items, events, ruleset) = (batch.items, batch.events, rules.clone());
+        let (items, records, ruleset) = (batch.items, batch.records, rules.clone());
         let started = Instant::now();
         let (back, effects) = tokio::task::spawn_blocking(move || {
-            run_engine(&mut engine, &items, &events, &outcomes, &ruleset);
+            run_engine(&mut engine, &items, &records, &outcomes, &ruleset);
             let effects = engine.take_effects(checkpoint);
             (engine, effects)
         })
@@ -451,7 +455,7 @@ async fn queue_jobs(queue: &crate::notify::queue::JobQueue, effects: &PartitionE
 fn run_engine(
     engine: &mut Engine,
     items: &[Item],
-    events: &[EncodedEvent],
+    records: &[EventRecord],
     outcomes: &[EventOutcome],
     rules: &RuleSet,
 ) {
@@ -459,19 +463,13 @@ fn run_engine(
         match item {
             Item::Tick { seq, at_ms } => engine.process(Input::Tick { seq: *seq, at_ms: *at_ms }, rules),
             Item::Skip(seq) => engine.process(Input::Skip { seq: *seq }, rules),
-            Item::Event(i) => {
-                let (Some(ev), Some(outcome)) = (events.get(*i), outcomes.get(*i)) else { continue };
-                let seq = ev.position.sequence;
-                if *outcome == EventOutcome::Duplicate {
-                    engine.process(Input::Skip { seq }, rules);
-                    continue;
-                }
-                match rmp_serde::from_slice::<EventRecord>(&ev.record) {
-                    Ok(record) => engine.process(Input::Event { seq, record: &record }, rules),
-                    Err(e) => {
-                        tracing::warn!(seq, error = %e, "stored event does not decode for rules; skipped");
-                        engine.process(Input::Skip { seq }, rules);
+            Item::Event { index, seq } => {
+                let seq = *seq;
+                match (records.get(*index), outcomes.get(*index)) {
+                    (Some(record), Some(outcome)) if *outcome != EventOutcome::Duplicate => {
+                        engine.process(Input::Event { seq, record }, rules)
                     }
+                    _ => engine.process(Input::Skip { seq }, rules),
                 }
             }
         }
@@ -498,6 +496,7 @@ async fn read_batches(
             },
         };
         let mut events = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         let mut items = Vec::with_capacity(batch.len());
         let mut last = None;
         for item in batch {
@@ -524,10 +523,11 @@ async fn read_batches(
                 continue;
             }
             let position = LogPosition { partition, sequence: seq };
-            match EncodedEvent::from_log(msg.payload.clone(), position) {
-                Ok(ev) if subject_matches(msg.subject.as_str(), partition, &ev) => {
-                    items.push(Item::Event(events.len()));
-                    events.push(ev);
+            match rmp_serde::from_slice::<EventRecord>(&msg.payload) {
+                Ok(record) if subject_matches(msg.subject.as_str(), partition, &record) => {
+                    items.push(Item::Event { index: events.len(), seq });
+                    events.push(EncodedEvent::from_decoded(msg.payload.clone(), &record, position));
+                    records.push(record);
                 }
                 Ok(_) => {
                     metrics::counter!(telemetry::EVENTS_UNDECODABLE, "reason" => "subject_mismatch").increment(1);
@@ -545,18 +545,19 @@ async fn read_batches(
         let Some(last) = last else { continue };
         let events: Arc<[EncodedEvent]> = events.into();
         let Some(outcomes) = writer.events(events.clone()).await else { return Ok(()) };
-        if to_eval.send(ReadBatch { items, events, outcomes, last }).await.is_err() {
+        if to_eval.send(ReadBatch { items, records, outcomes, last }).await.is_err() {
             anyhow::bail!("partition {partition} evaluator stopped");
         }
     }
 }
 
 /// The subject must be `events.<partition>.<tenant>.<type>` of the event it carries.
-fn subject_matches(subject: &str, partition: u32, ev: &EncodedEvent) -> bool {
+fn subject_matches(subject: &str, partition: u32, ev: &EventRecord) -> bool {
     let mut parts = subject.splitn(4, '.');
+    let mut tenant = [0u8; uuid::fmt::Hyphenated::LENGTH];
     parts.next() == Some("events")
         && parts.next().and_then(|p| p.parse::<u32>().ok()) == Some(partition)
-        && parts.next().and_then(|t| uuid::Uuid::parse_str(t).ok()) == Some(ev.tenant_id)
+        && parts.next() == Some(&*ev.tenant_id.hyphenated().encode_lower(&mut tenant))
         && parts.next() == Some(ev.event_type.as_str())
 }
 
@@ -575,5 +576,30 @@ async fn report_lag(log: EventLog, cancel: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_matches_only_its_own_subject() {
+        let tenant = uuid::Uuid::now_v7();
+        let other = uuid::Uuid::now_v7();
+        let record = crate::model::validate_event(
+            serde_json::json!({"type": "payment.failed"}).as_object().cloned().unwrap_or_default(),
+            "",
+            tenant,
+            1,
+        )
+        .unwrap();
+        let own = crate::eventlog::subject(5, &tenant, "payment.failed");
+        assert!(subject_matches(&own, 5, &record));
+        assert!(!subject_matches(&own, 4, &record), "another partition");
+        assert!(!subject_matches(&crate::eventlog::subject(5, &other, "payment.failed"), 5, &record));
+        assert!(!subject_matches(&crate::eventlog::subject(5, &tenant, "payment.ok"), 5, &record));
+        assert!(!subject_matches(&own.to_uppercase(), 5, &record));
+        assert!(!subject_matches("events.5", 5, &record));
     }
 }

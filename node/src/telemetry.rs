@@ -13,6 +13,9 @@ pub const INGEST_EVENTS: &str = "signalops_ingest_events_total";
 pub const INGEST_DURATION: &str = "signalops_ingest_duration_seconds";
 /// Time from first publish to last JetStream ack of one request.
 pub const PUBLISH_DURATION: &str = "signalops_jetstream_publish_duration_seconds";
+/// Requests' events published to JetStream, label `mode`: `fast_batch` (one acknowledgement for
+/// the request) or `pipelined` (one per event).
+pub const PUBLISHES: &str = "signalops_jetstream_publishes_total";
 /// Messages not yet processed per partition (consumer pending), label `partition`.
 pub const CONSUMER_LAG: &str = "signalops_consumer_lag";
 /// Events written to the store for the first time.
@@ -65,7 +68,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn prometheus() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .unwrap_or_else(|_| PrometheusBuilder::new());

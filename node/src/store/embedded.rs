@@ -108,10 +108,14 @@ fn position_of(s: &Inner, tenant: &TenantId, id: &str, by_id_value: &[u8]) -> Re
 
 fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome>, StoreError> {
     let _writer = s.write.lock().map_err(|_| StoreError::Corrupt("writer lock poisoned".into()))?;
-    let mut batch = s.db.batch().durability(Some(PersistMode::SyncData));
-    let mut outcomes = Vec::with_capacity(set.events.iter().map(|b| b.len()).sum());
+    let events: usize = set.events.iter().map(|b| b.len()).sum();
+    // Sized up front: growing a batch of thousands of items reallocates it several times, and
+    // each large reallocation faults in fresh pages.
+    let items = 3 * events + 16 * set.effects.len();
+    let mut batch = fjall::OwnedWriteBatch::with_capacity(s.db.clone(), items).durability(Some(PersistMode::SyncData));
+    let mut outcomes = Vec::with_capacity(events);
     // Ids and idempotency keys written earlier in this same commit, with their positions.
-    let mut seen: HashMap<Vec<u8>, LogPosition> = HashMap::new();
+    let mut seen: HashMap<Vec<u8>, LogPosition> = HashMap::with_capacity(events);
     for r in set.events.iter().flat_map(|b| b.iter()) {
         let id_key = tenant_key(&r.tenant_id, &r.id);
         let existing = match seen.get(&id_key) {

@@ -43,6 +43,12 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// The server's process id (the ingest benchmark reads its CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start() -> Nats {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(dir, None)

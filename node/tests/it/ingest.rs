@@ -143,3 +143,70 @@ async fn health_ready_and_metrics() {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
 }
+
+/// The events of this tenant in the event stream, in stream order (ticks and other tenants'
+/// events left out).
+async fn stream_ids(js: &async_nats::jetstream::Context, tenant: &str) -> Vec<String> {
+    let mut stream = js.get_stream("SIGNALOPS_EVENTS").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut ids = Vec::new();
+    for seq in 1..=last {
+        let Ok(msg) = stream.get_raw_message(seq).await else { continue };
+        if msg.subject.split('.').nth(2) == Some(tenant) {
+            let record: signalops::model::EventRecord = rmp_serde::from_slice(&msg.payload).unwrap();
+            ids.push(record.id);
+        }
+    }
+    ids
+}
+
+fn publishes(metrics: &str, mode: &str) -> u64 {
+    let name = format!("signalops_jetstream_publishes_total{{mode=\"{mode}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&name)?.parse().ok()).unwrap_or(0)
+}
+
+/// A batch without idempotency keys goes to JetStream as one fast batch and lands in request
+/// order; a batch with keys is published event by event. When an operator turns fast batches
+/// off on the stream, the node takes the refusal, publishes pipelined, and the request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unkeyed_batches_go_as_fast_batches_and_fall_back_when_refused() {
+    let s = Setup::new().await;
+    let js = async_nats::jetstream::new(async_nats::connect(&s.nats.url).await.unwrap());
+    let mut stream = js.get_stream("SIGNALOPS_EVENTS").await.unwrap();
+    assert!(stream.info().await.unwrap().config.allow_batch_publish, "the node enables fast batches on the stream");
+    let metrics = || async { reqwest::get(format!("{}/metrics", s.api.base)).await.unwrap().text().await.unwrap() };
+    let send = |events: Vec<Value>| {
+        let api = &s.api;
+        async move {
+            let (status, v) = api.post("/v1/events", &json!({ "events": events })).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+            v["events"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+
+    let mut expected = send((0..300).map(|i| json!({"type": "order.created", "payload": {"n": i}})).collect()).await;
+    assert_eq!(expected.len(), 300);
+    let text = metrics().await;
+    assert_eq!((publishes(&text, "fast_batch"), publishes(&text, "pipelined")), (1, 0), "{text}");
+
+    let keyed: Vec<Value> =
+        (0..3).map(|i| json!({"type": "order.created", "id": format!("k-{i}"), "payload": {"n": i}})).collect();
+    expected.extend(send(keyed).await);
+    let text = metrics().await;
+    assert_eq!((publishes(&text, "fast_batch"), publishes(&text, "pipelined")), (1, 1), "{text}");
+
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.allow_batch_publish = false;
+    js.update_stream(config).await.unwrap();
+    for round in 0..2 {
+        expected.extend(
+            send((0..50).map(|i| json!({"type": "order.created", "payload": {"round": round, "n": i}})).collect())
+                .await,
+        );
+    }
+    let text = metrics().await;
+    assert_eq!((publishes(&text, "fast_batch"), publishes(&text, "pipelined")), (1, 3), "{text}");
+
+    assert_eq!(stream_ids(&js, &s.tenant_id).await, expected, "every accepted event once, in request order");
+    s.api.wait_event(expected.last().unwrap()).await;
+}
