@@ -445,18 +445,22 @@ impl FastBatches {
                 let skip = self.inbox.len() + 1;
                 tokio::spawn(async move {
                     while let Some(msg) = replies.next().await {
-                        let Some(id) = msg.subject.get(skip..).and_then(|rest| rest.split('.').next()) else {
-                            continue;
-                        };
+                        // `<batch id>.<flow>.<gap mode>.<batch sequence>.<operation>.$FI`
+                        let mut tokens = msg.subject.get(skip..).unwrap_or_default().split('.');
+                        let Some(id) = tokens.next() else { continue };
+                        let seq = tokens.nth(2).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
                         let Ok(reply) = serde_json::from_slice::<FastReply>(&msg.payload) else { continue };
                         let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
-                        if reply.stream.is_some() {
+                        // A refused later message leaves a gap; in `fail` mode the server then
+                        // commits the batch up to it and answers with the stored count.
+                        let refused_later = reply.error.is_some() && reply.count.is_none() && seq > 1;
+                        if reply.stream.is_some() && !refused_later {
                             if let Some(w) = waiting.remove(id) {
                                 let answer =
                                     BatchAnswer { count: reply.count, error: reply.error, flow_error: w.flow_error };
                                 let _ = w.done.send(answer);
                             }
-                        } else if reply.kind.as_deref() == Some("err") {
+                        } else if reply.kind.as_deref() == Some("err") || refused_later {
                             if let (Some(w), Some(err)) = (waiting.get_mut(id), &reply.error) {
                                 w.flow_error
                                     .get_or_insert_with(|| format!("JetStream refused an event: {}", err.text()));

@@ -210,3 +210,32 @@ async fn unkeyed_batches_go_as_fast_batches_and_fall_back_when_refused() {
     assert_eq!(stream_ids(&js, &s.tenant_id).await, expected, "every accepted event once, in request order");
     s.api.wait_event(expected.last().unwrap()).await;
 }
+
+/// When JetStream refuses an event in the middle of a fast batch, the answer is exact: the
+/// events before it are durable and reported accepted, the rest are reported failed (503), and
+/// the stream holds exactly the accepted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_fast_batch_reports_the_stored_prefix() {
+    let s = Setup::new().await;
+    let js = async_nats::jetstream::new(async_nats::connect(&s.nats.url).await.unwrap());
+    let mut stream = js.get_stream("SIGNALOPS_EVENTS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 2048;
+    js.update_stream(config).await.unwrap();
+
+    let events: Vec<Value> = (0..6)
+        .map(|i| {
+            let note = if i == 2 { "x".repeat(4096) } else { "small".into() };
+            json!({"type": "order.created", "payload": {"n": i, "note": note}})
+        })
+        .collect();
+    let (status, v) = s.api.post("/v1/events", &json!({ "events": events })).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let statuses: Vec<&str> = v["events"].as_array().unwrap().iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["accepted", "accepted", "failed", "failed", "failed", "failed"], "{v}");
+    let accepted: Vec<String> =
+        v["events"].as_array().unwrap()[..2].iter().map(|e| e["id"].as_str().unwrap().into()).collect();
+    assert_eq!(stream_ids(&js, &s.tenant_id).await, accepted);
+    let text = reqwest::get(format!("{}/metrics", s.api.base)).await.unwrap().text().await.unwrap();
+    assert_eq!(publishes(&text, "fast_batch"), 1, "{text}");
+}
