@@ -167,6 +167,11 @@ impl CompiledRule {
 pub struct TenantRules {
     pub rules: Vec<Arc<CompiledRule>>,
     pub by_id: HashMap<Uuid, usize>,
+    /// Per rule, the index of its `group_by` list among the tenant's distinct lists: rules
+    /// with the same list share one group key per event.
+    pub group_class: Vec<usize>,
+    /// How many distinct `group_by` lists the tenant's rules have.
+    pub group_classes: usize,
     pub silences: Vec<Silence>,
 }
 
@@ -190,10 +195,7 @@ impl TenantRules {
                 }
             }
             match CompiledRule::compile(current.clone(), plugins) {
-                Ok(c) => {
-                    out.by_id.insert(c.id(), out.rules.len());
-                    out.rules.push(Arc::new(c));
-                }
+                Ok(c) => out.push(c),
                 // Rules are validated before they are proposed; one that still fails to compile
                 // (a newer node's rule on an older node) is skipped, visibly.
                 Err(e) => {
@@ -202,6 +204,21 @@ impl TenantRules {
             }
         }
         out
+    }
+
+    /// Adds a compiled rule.
+    pub fn push(&mut self, rule: CompiledRule) {
+        let group_by = &rule.rule.spec.group_by;
+        let class = match self.rules.iter().position(|r| r.rule.spec.group_by == *group_by) {
+            Some(same) => self.group_class[same],
+            None => {
+                self.group_classes += 1;
+                self.group_classes - 1
+            }
+        };
+        self.by_id.insert(rule.id(), self.rules.len());
+        self.group_class.push(class);
+        self.rules.push(Arc::new(rule));
     }
 
     pub fn get(&self, id: &Uuid) -> Option<&Arc<CompiledRule>> {

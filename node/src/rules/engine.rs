@@ -34,7 +34,7 @@ use super::effects::{
     json_type, CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint,
     StateKey, Transition, MAX_CATALOG_FIELDS,
 };
-use super::window::{Insert, Window};
+use super::window::{distinct_hash, Insert, Window};
 use crate::model::{EventRecord, TenantId};
 use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome};
 use crate::plugins::state::{Counter, EntryKey, PluginState};
@@ -55,6 +55,15 @@ fn plugin_entry_group(k: &EntryKey) -> String {
 
 /// Hash maps on the event path: seeded foldhash (much cheaper than SipHash for short keys).
 type FastMap<K, V> = foldhash::HashMap<K, V>;
+
+/// A group's identity in its rule's table: the XXH3-128 hash of its key text. Rules probe
+/// their tables with a hash computed once per event instead of hashing and comparing the key
+/// text per rule; two of a rule's groups share an id with probability about n²/2¹²⁹.
+type GroupId = u128;
+
+fn group_id(key: &str) -> GroupId {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
 
 /// How many triggering event ids an alert keeps.
 pub const EVENT_SAMPLE: usize = 10;
@@ -95,6 +104,11 @@ struct RuleMeta {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct GroupState {
+    /// The group key: the state's key in checkpoints and part of alert ids.
+    #[serde(skip)]
+    key: String,
+    #[serde(skip)]
+    id: GroupId,
     /// Group-by values, for the alert's `group`.
     values: Vec<Value>,
     head_ms: i64,
@@ -120,8 +134,10 @@ struct GroupState {
 }
 
 impl GroupState {
-    fn new(values: Vec<Value>, head_ms: i64, kind: &RuleKind) -> GroupState {
+    fn new(key: String, values: Vec<Value>, head_ms: i64, kind: &RuleKind) -> GroupState {
         GroupState {
+            id: group_id(&key),
+            key,
             values,
             head_ms,
             window: match kind {
@@ -144,7 +160,7 @@ struct RuleState {
     meta: RuleMeta,
     meta_dirty: bool,
     /// Boxed so the table stays small and probes stay in cache.
-    groups: FastMap<String, Box<GroupState>>,
+    groups: FastMap<GroupId, Box<GroupState>>,
     /// Window counters and key-value state of a plugin rule.
     plugin: PluginState,
 }
@@ -184,7 +200,7 @@ struct Out {
     series: FastMap<(TenantId, String, i64), SeriesPoint>,
     catalog: FastMap<(TenantId, String), CatalogEntry>,
     /// Groups whose open alert changed (written at the end of the batch).
-    alert_dirty: Vec<(TenantId, Uuid, String)>,
+    alert_dirty: Vec<(TenantId, Uuid, GroupId)>,
     /// Groups and rule metas changed since the last checkpoint.
     state_dirty: Vec<StateKey>,
     deletes: Vec<StateKey>,
@@ -214,8 +230,10 @@ pub struct Engine {
     state_seq: u64,
     tenants: FastMap<TenantId, TenantState>,
     out: Out,
-    /// Reusable buffer for group keys.
-    key: String,
+    /// Group keys of the event being processed, one per distinct `group_by` list of its
+    /// tenant (`TenantRules::group_class`), built on first use.
+    group_keys: Vec<(String, GroupId)>,
+    group_key_ready: Vec<bool>,
     /// Events processed since the last checkpoint.
     since_checkpoint: u64,
     plugins: Option<EnginePlugins>,
@@ -240,7 +258,8 @@ impl Engine {
             state_seq: 0,
             tenants: FastMap::default(),
             out: Out::default(),
-            key: String::new(),
+            group_keys: Vec::new(),
+            group_key_ready: Vec::new(),
             since_checkpoint: 0,
             plugins: None,
         }
@@ -286,8 +305,10 @@ impl Engine {
                     rs.plugin.kv.insert(key, bytes);
                 }
                 Some(g) => {
-                    let gs: GroupState = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?;
-                    rs.groups.insert(g, Box::new(gs));
+                    let mut gs: GroupState = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?;
+                    gs.id = group_id(&g);
+                    gs.key = g;
+                    rs.groups.insert(gs.id, Box::new(gs));
                 }
             }
         }
@@ -362,6 +383,11 @@ impl Engine {
         let t = ev.occurred_at_ms.min(ev.received_at_ms.saturating_add(self.cfg.max_future_ms));
         let id: Arc<str> = Arc::from(ev.id.as_str());
         let ctx = Ctx { tenant: ev.tenant_id, compiled, cfg: &self.cfg, clock_ms: clock, trigger: seq };
+        self.group_key_ready.clear();
+        self.group_key_ready.resize(compiled.group_classes, false);
+        if self.group_keys.len() < compiled.group_classes {
+            self.group_keys.resize(compiled.group_classes, (String::new(), 0));
+        }
         for &i in index.rules.iter() {
             let Some(rule) = compiled.rules.get(i) else { continue };
             if rule.filter.as_ref().is_some_and(|f| !f.matches(ev)) {
@@ -377,7 +403,16 @@ impl Engine {
                 }
                 _ => None,
             };
-            on_rule_event(&ctx, ts, rule, ev, &id, t, &mut self.key, &mut self.out, decision.as_ref());
+            let class = compiled.group_class.get(i).copied().unwrap_or_default();
+            let (Some(key), Some(ready)) = (self.group_keys.get_mut(class), self.group_key_ready.get_mut(class)) else {
+                continue;
+            };
+            if !*ready {
+                group_key(rule, ev, &mut key.0);
+                key.1 = group_id(&key.0);
+                *ready = true;
+            }
+            on_rule_event(&ctx, ts, rule, ev, &id, t, (&key.0, key.1), &mut self.out, decision.as_ref());
         }
     }
 
@@ -481,26 +516,32 @@ impl Engine {
             checkpoint: None,
         };
         if checkpoint {
-            let mut cp = StateCheckpoint { puts: Vec::new(), deletes: std::mem::take(&mut out.deletes) };
+            let mut cp = StateCheckpoint {
+                puts: Vec::with_capacity(out.state_dirty.len()),
+                deletes: std::mem::take(&mut out.deletes),
+            };
+            // Encoded into one growing buffer, then copied out at their exact size.
+            let mut buf = Vec::with_capacity(4096);
             for key in out.state_dirty.drain(..) {
                 let Some(rs) = self.tenants.get_mut(&key.tenant).and_then(|t| t.rules.get_mut(&key.rule)) else {
                     continue;
                 };
-                let bytes = match &key.group {
+                buf.clear();
+                let encoded = match &key.group {
                     None => {
                         rs.meta_dirty = false;
-                        rmp_serde::to_vec_named(&rs.meta)
+                        rmp_serde::encode::write_named(&mut buf, &rs.meta)
                     }
-                    Some(g) => match rs.groups.get_mut(g) {
+                    Some(g) => match rs.groups.get_mut(&group_id(g)) {
                         Some(gs) => {
                             gs.dirty = false;
-                            rmp_serde::to_vec_named(&*gs)
+                            rmp_serde::encode::write_named(&mut buf, &**gs)
                         }
                         None => continue,
                     },
                 };
-                match bytes {
-                    Ok(b) => cp.puts.push((key, b)),
+                match encoded {
+                    Ok(()) => cp.puts.push((key, buf.as_slice().to_vec())),
                     Err(e) => {
                         tracing::error!(rule_id = %key.rule, error = %e, "cannot encode rule state; it will be rebuilt")
                     }
@@ -602,10 +643,10 @@ struct Ctx<'a> {
     trigger: u64,
 }
 
-fn mark_dirty(out: &mut Out, tenant: TenantId, rule: Uuid, key: &str, g: &mut GroupState) {
+fn mark_dirty(out: &mut Out, tenant: TenantId, rule: Uuid, g: &mut GroupState) {
     if !g.dirty {
         g.dirty = true;
-        out.state_dirty.push(StateKey { tenant, rule, group: Some(key.to_string()) });
+        out.state_dirty.push(StateKey { tenant, rule, group: Some(g.key.clone()) });
     }
 }
 
@@ -619,10 +660,10 @@ fn refresh_event_ids(g: &mut GroupState) {
     }
 }
 
-fn mark_alert(out: &mut Out, tenant: TenantId, rule: Uuid, key: &str, g: &mut GroupState) {
+fn mark_alert(out: &mut Out, tenant: TenantId, rule: Uuid, g: &mut GroupState) {
     if !g.alert_dirty {
         g.alert_dirty = true;
-        out.alert_dirty.push((tenant, rule, key.to_string()));
+        out.alert_dirty.push((tenant, rule, g.id));
     }
 }
 
@@ -671,7 +712,7 @@ fn sync_tenant(tenant: TenantId, ts: &mut TenantState, compiled: &Arc<TenantRule
 
 /// Resolves a removed rule's open alerts and deletes its stored state.
 fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out: &mut Out) {
-    for (key, mut g) in rs.groups {
+    for (_, mut g) in rs.groups {
         if g.alert_dirty {
             refresh_event_ids(&mut g);
         }
@@ -682,7 +723,7 @@ fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out:
             out.alerts.push(alert);
             out.resolved += 1;
         }
-        out.deletes.push(StateKey { tenant, rule, group: Some(key) });
+        out.deletes.push(StateKey { tenant, rule, group: Some(g.key) });
     }
     let entries = rs.plugin.windows.keys().map(|k| EntryKey::Window(k.clone()));
     let entries = entries.chain(rs.plugin.kv.keys().map(|k| EntryKey::State(k.clone())));
@@ -710,18 +751,8 @@ fn rule_state<'a>(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn on_rule_event(
-    ctx: &Ctx<'_>,
-    ts: &mut TenantState,
-    rule: &CompiledRule,
-    ev: &EventRecord,
-    id: &Arc<str>,
-    t: i64,
-    key: &mut String,
-    out: &mut Out,
-    decision: Option<&Decision>,
-) {
+/// Writes the event's group key under `rule`'s `group_by` into `key`.
+fn group_key(rule: &CompiledRule, ev: &EventRecord, key: &mut String) {
     key.clear();
     for p in &rule.group_by {
         match p.resolve(ev) {
@@ -730,9 +761,23 @@ fn on_rule_event(
         }
         key.push('\u{1f}');
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_rule_event(
+    ctx: &Ctx<'_>,
+    ts: &mut TenantState,
+    rule: &CompiledRule,
+    ev: &EventRecord,
+    id: &Arc<str>,
+    t: i64,
+    (key, gid): (&str, GroupId),
+    out: &mut Out,
+    decision: Option<&Decision>,
+) {
     let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
-    if let Some(g) = rs.groups.get_mut(key.as_str()) {
-        on_group_event(ctx, rule, g, ev, id, t, key, out, decision);
+    if let Some(g) = rs.groups.get_mut(&gid) {
+        on_group_event(ctx, rule, g, ev, id, t, out, decision);
         return;
     }
     {
@@ -746,11 +791,11 @@ fn on_rule_event(
             return;
         }
         let values = rule.group_by.iter().map(|p| p.resolve(ev).map_or(Value::Null, |v| v.to_json())).collect();
-        rs.groups.insert(key.clone(), Box::new(GroupState::new(values, t, &rule.kind)));
-        out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(key.clone()) });
+        rs.groups.insert(gid, Box::new(GroupState::new(key.to_string(), values, t, &rule.kind)));
+        out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(key.to_string()) });
     }
-    if let Some(g) = rs.groups.get_mut(key.as_str()) {
-        on_group_event(ctx, rule, g, ev, id, t, key, out, decision);
+    if let Some(g) = rs.groups.get_mut(&gid) {
+        on_group_event(ctx, rule, g, ev, id, t, out, decision);
     }
 }
 
@@ -762,7 +807,6 @@ fn on_group_event(
     ev: &EventRecord,
     id: &Arc<str>,
     t: i64,
-    key: &str,
     out: &mut Out,
     decision: Option<&Decision>,
 ) {
@@ -771,15 +815,15 @@ fn on_group_event(
             if t > g.head_ms {
                 g.head_ms = t;
             }
-            expire_event_alert(ctx, rule, g, key, out);
+            expire_event_alert(ctx, rule, g, out);
             push_recent(g, id);
             g.last_seen_ms = Some(g.last_seen_ms.map_or(t, |s| s.max(t)));
             if let Some(open) = g.open.as_mut() {
                 open.value += 1.0;
                 // Its `event_ids` are brought up to date when the alert is written out.
-                mark_alert(out, ctx.tenant, rule.id(), key, g);
+                mark_alert(out, ctx.tenant, rule.id(), g);
             } else if cooldown_over(rule, g, t) {
-                fire(ctx, rule, g, key, t, 1.0, out, decision);
+                fire(ctx, rule, g, t, 1.0, out, decision);
                 if rule.cooldown_ms == 0 {
                     if let Some(mut a) = g.open.take() {
                         a.state = AlertState::Resolved;
@@ -806,31 +850,24 @@ fn on_group_event(
             }
             let head = g.head_ms;
             let Some(w) = g.window.as_mut() else { return };
-            let (value, distinct_buf);
-            match spec.aggregate {
+            let (value, distinct) = match spec.aggregate {
                 super::spec::Aggregate::Distinct => {
-                    let mut s = String::new();
-                    if let Some(v) = field.as_ref().and_then(|f| f.resolve(ev)) {
+                    let hash = field.as_ref().and_then(|f| f.resolve(ev)).map(|v| {
+                        let mut s = String::new();
                         v.write_key(&mut s);
-                    }
-                    distinct_buf = (!s.is_empty()).then_some(s);
-                    value = None;
+                        distinct_hash(&s)
+                    });
+                    (None, hash)
                 }
-                super::spec::Aggregate::Count => {
-                    distinct_buf = None;
-                    value = None;
-                }
-                _ => {
-                    distinct_buf = None;
-                    value = field.as_ref().and_then(|f| f.resolve(ev)).and_then(|v| v.as_f64());
-                }
-            }
-            if w.insert(head, t, value, distinct_buf.as_deref()) == Insert::TooLate {
+                super::spec::Aggregate::Count => (None, None),
+                _ => (field.as_ref().and_then(|f| f.resolve(ev)).and_then(|v| v.as_f64()), None),
+            };
+            if w.insert(head, t, value, distinct) == Insert::TooLate {
                 out.late += 1;
                 return;
             }
             push_recent(g, id);
-            evaluate_window(ctx, rule, g, key, out);
+            evaluate_window(ctx, rule, g, out);
         }
         RuleKind::Absence { .. } => {
             push_recent(g, id);
@@ -845,7 +882,7 @@ fn on_group_event(
             }
         }
     }
-    mark_dirty(out, ctx.tenant, rule.id(), key, g);
+    mark_dirty(out, ctx.tenant, rule.id(), g);
 }
 
 fn push_recent(g: &mut GroupState, id: &Arc<str>) {
@@ -862,7 +899,7 @@ fn cooldown_over(rule: &CompiledRule, g: &GroupState, at: i64) -> bool {
 }
 
 /// An event rule's open alert resolves once `cooldown` has passed since its last match.
-fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, out: &mut Out) {
+fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, out: &mut Out) {
     let now = g.head_ms.max(ctx.clock_ms - ctx.cfg.allowed_lateness_ms);
     let Some(last) = g.last_seen_ms else { return };
     if g.open.is_some() && now >= last.saturating_add(rule.cooldown_ms) {
@@ -875,12 +912,12 @@ fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, ke
             out.transitions.push((a.id, Transition::Resolved));
             out.alerts.push(a);
             out.resolved += 1;
-            mark_dirty(out, ctx.tenant, rule.id(), key, g);
+            mark_dirty(out, ctx.tenant, rule.id(), g);
         }
     }
 }
 
-fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: &str, out: &mut Out) {
+fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, out: &mut Out) {
     let RuleKind::Window { spec, .. } = &rule.kind else { return };
     let at = g.head_ms;
     let value = g.window.as_ref().and_then(|w| w.value(spec.aggregate));
@@ -891,7 +928,7 @@ fn evaluate_window(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, key: 
         }
         let since = *g.pending_since_ms.get_or_insert(at);
         if at - since >= rule.for_ms && cooldown_over(rule, g, at) {
-            fire(ctx, rule, g, key, at, value.unwrap_or_default(), out, None);
+            fire(ctx, rule, g, at, value.unwrap_or_default(), out, None);
         }
     } else {
         g.pending_since_ms = None;
@@ -910,7 +947,6 @@ fn fire(
     ctx: &Ctx<'_>,
     rule: &CompiledRule,
     g: &mut GroupState,
-    key: &str,
     at: i64,
     value: f64,
     out: &mut Out,
@@ -932,7 +968,7 @@ fn fire(
         }
     };
     let alert = Alert {
-        id: alert_id(at, &ctx.tenant, &rule.rule.id, key, ctx.trigger),
+        id: alert_id(at, &ctx.tenant, &rule.rule.id, &g.key, ctx.trigger),
         tenant_id: ctx.tenant,
         rule_id: rule.rule.id,
         rule_version: rule.rule.version,
@@ -977,11 +1013,11 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
         // An ungrouped absence rule watches from the moment it appears, even with no event yet.
         if matches!(rule.kind, RuleKind::Absence { .. }) && rule.group_by.is_empty() {
             let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
-            if !rs.groups.contains_key("") {
+            if !rs.groups.contains_key(&group_id("")) {
                 let since = rs.meta.since_ms;
-                let mut g = GroupState::new(Vec::new(), since, &rule.kind);
+                let mut g = GroupState::new(String::new(), Vec::new(), since, &rule.kind);
                 g.last_seen_ms = Some(since);
-                rs.groups.insert(String::new(), Box::new(g));
+                rs.groups.insert(g.id, Box::new(g));
                 out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(String::new()) });
             }
         }
@@ -992,7 +1028,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
             rs.plugin.expire(watermark);
         }
         let mut idle = Vec::new();
-        for (key, g) in rs.groups.iter_mut() {
+        for g in rs.groups.values_mut() {
             match &rule.kind {
                 RuleKind::Window { .. } => {
                     if g.head_ms < watermark {
@@ -1000,34 +1036,34 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                         if let Some(w) = g.window.as_mut() {
                             w.advance(watermark);
                         }
-                        evaluate_window(ctx, rule, g, key, out);
-                        mark_dirty(out, ctx.tenant, *rule_id, key, g);
+                        evaluate_window(ctx, rule, g, out);
+                        mark_dirty(out, ctx.tenant, *rule_id, g);
                     }
                     let empty = g.window.as_ref().is_none_or(|w| w.is_empty());
                     if empty && g.open.is_none() && g.pending_since_ms.is_none() && cooldown_over(rule, g, g.head_ms) {
-                        idle.push(key.clone());
+                        idle.push(g.id);
                     }
                 }
                 RuleKind::Event | RuleKind::Plugin(_) => {
-                    expire_event_alert(ctx, rule, g, key, out);
+                    expire_event_alert(ctx, rule, g, out);
                     let now = g.head_ms.max(watermark);
                     if g.open.is_none() && cooldown_over(rule, g, now) {
-                        idle.push(key.clone());
+                        idle.push(g.id);
                     }
                 }
                 RuleKind::Absence { ms } => {
                     let Some(last) = g.last_seen_ms else { continue };
                     if g.open.is_none() && ctx.clock_ms.saturating_sub(last) >= *ms {
                         let silent_s = (ctx.clock_ms - last) as f64 / 1000.0;
-                        fire(ctx, rule, g, key, last.saturating_add(*ms), silent_s, out, None);
-                        mark_dirty(out, ctx.tenant, *rule_id, key, g);
+                        fire(ctx, rule, g, last.saturating_add(*ms), silent_s, out, None);
+                        mark_dirty(out, ctx.tenant, *rule_id, g);
                     }
                 }
             }
         }
-        for key in idle {
-            rs.groups.remove(&key);
-            out.deletes.push(StateKey { tenant: ctx.tenant, rule: *rule_id, group: Some(key) });
+        for id in idle {
+            let Some(g) = rs.groups.remove(&id) else { continue };
+            out.deletes.push(StateKey { tenant: ctx.tenant, rule: *rule_id, group: Some(g.key) });
         }
     }
 }

@@ -49,8 +49,7 @@ pub fn run(
     let tenant = rule.tenant_id;
     let compiled = CompiledRule::compile(rule, plugins)?;
     let mut rules = TenantRules::default();
-    rules.by_id.insert(compiled.id(), 0);
-    rules.rules.push(Arc::new(compiled));
+    rules.push(compiled);
     let set = RuleSet { revision: 1, tenants: [(tenant, Arc::new(rules))].into_iter().collect() };
     let mut engine = Engine::new(0, cfg);
     if let Some(host) = host {
