@@ -35,7 +35,8 @@ pub struct StateKey {
 /// Engine state written at a checkpoint: changed entries and removed ones.
 #[derive(Debug, Clone, Default)]
 pub struct StateCheckpoint {
-    pub puts: Vec<(StateKey, Vec<u8>)>,
+    /// Encoded entries; they share a few large buffers rather than owning one each.
+    pub puts: Vec<(StateKey, bytes::Bytes)>,
     pub deletes: Vec<StateKey>,
 }
 

@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::BufMut;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -64,6 +65,9 @@ type GroupId = u128;
 fn group_id(key: &str) -> GroupId {
     xxhash_rust::xxh3::xxh3_128(key.as_bytes())
 }
+
+/// Size of the buffers checkpoint entries are encoded into.
+const CHECKPOINT_CHUNK: usize = 1 << 20;
 
 /// How many triggering event ids an alert keeps.
 pub const EVENT_SAMPLE: usize = 10;
@@ -282,7 +286,7 @@ impl Engine {
         partition: u32,
         cfg: EngineConfig,
         meta: EngineMeta,
-        entries: Vec<(StateKey, Vec<u8>)>,
+        entries: impl IntoIterator<Item = (StateKey, impl AsRef<[u8]> + Into<Vec<u8>>)>,
     ) -> Result<Engine, RestoreError> {
         let mut e = Engine::new(partition, cfg);
         e.processed_seq = meta.state_seq;
@@ -294,18 +298,18 @@ impl Engine {
             let rs = e.tenants.entry(k.tenant).or_default().rules.entry(k.rule).or_default();
             let bad = |source: Box<dyn std::error::Error + Send + Sync>| RestoreError { rule, source };
             match k.group {
-                None => rs.meta = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?,
+                None => rs.meta = rmp_serde::from_slice(bytes.as_ref()).map_err(|e| bad(e.into()))?,
                 Some(g) if g.starts_with(PLUGIN_WINDOW) => {
                     let key = hex::decode(&g[PLUGIN_WINDOW.len()..]).map_err(|e| bad(e.into()))?;
-                    let c: Counter = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?;
+                    let c: Counter = rmp_serde::from_slice(bytes.as_ref()).map_err(|e| bad(e.into()))?;
                     rs.plugin.restore_window(key, c);
                 }
                 Some(g) if g.starts_with(PLUGIN_STATE) => {
                     let key = hex::decode(&g[PLUGIN_STATE.len()..]).map_err(|e| bad(e.into()))?;
-                    rs.plugin.kv.insert(key, bytes);
+                    rs.plugin.kv.insert(key, bytes.into());
                 }
                 Some(g) => {
-                    let mut gs: GroupState = rmp_serde::from_slice(&bytes).map_err(|e| bad(e.into()))?;
+                    let mut gs: GroupState = rmp_serde::from_slice(bytes.as_ref()).map_err(|e| bad(e.into()))?;
                     gs.id = group_id(&g);
                     gs.key = g;
                     rs.groups.insert(gs.id, Box::new(gs));
@@ -520,28 +524,32 @@ impl Engine {
                 puts: Vec::with_capacity(out.state_dirty.len()),
                 deletes: std::mem::take(&mut out.deletes),
             };
-            // Encoded into one growing buffer, then copied out at their exact size.
-            let mut buf = Vec::with_capacity(4096);
+            // Encoded back to back into large buffers that the entries then share.
+            let mut buf = bytes::BytesMut::with_capacity(CHECKPOINT_CHUNK);
             for key in out.state_dirty.drain(..) {
                 let Some(rs) = self.tenants.get_mut(&key.tenant).and_then(|t| t.rules.get_mut(&key.rule)) else {
                     continue;
                 };
-                buf.clear();
+                if buf.capacity() < CHECKPOINT_CHUNK / 16 {
+                    buf.reserve(CHECKPOINT_CHUNK);
+                }
+                let mut w = (&mut buf).writer();
                 let encoded = match &key.group {
                     None => {
                         rs.meta_dirty = false;
-                        rmp_serde::encode::write_named(&mut buf, &rs.meta)
+                        rmp_serde::encode::write_named(&mut w, &rs.meta)
                     }
                     Some(g) => match rs.groups.get_mut(&group_id(g)) {
                         Some(gs) => {
                             gs.dirty = false;
-                            rmp_serde::encode::write_named(&mut buf, &**gs)
+                            rmp_serde::encode::write_named(&mut w, &**gs)
                         }
                         None => continue,
                     },
                 };
+                let bytes = buf.split().freeze();
                 match encoded {
-                    Ok(()) => cp.puts.push((key, buf.as_slice().to_vec())),
+                    Ok(()) => cp.puts.push((key, bytes)),
                     Err(e) => {
                         tracing::error!(rule_id = %key.rule, error = %e, "cannot encode rule state; it will be rebuilt")
                     }
@@ -553,8 +561,10 @@ impl Engine {
                         let group = Some(plugin_entry_group(&k));
                         let key = StateKey { tenant: *tenant, rule: *rule, group };
                         let bytes = match &k {
-                            EntryKey::Window(w) => rs.plugin.windows.get(w).map(rmp_serde::to_vec_named),
-                            EntryKey::State(s) => rs.plugin.kv.get(s).map(|v| Ok(v.clone())),
+                            EntryKey::Window(w) => {
+                                rs.plugin.windows.get(w).map(|c| rmp_serde::to_vec_named(c).map(bytes::Bytes::from))
+                            }
+                            EntryKey::State(s) => rs.plugin.kv.get(s).map(|v| Ok(bytes::Bytes::copy_from_slice(v))),
                         };
                         match bytes {
                             Some(Ok(b)) => cp.puts.push((key, b)),

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::spec::Aggregate;
 
@@ -63,18 +63,57 @@ pub fn bucket_width_ms(seconds: u64) -> i64 {
     (width_s * 1000) as i64
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One bucket. Checkpoints hold it as an array: `[idx, count]` when it has no numeric and no
+/// distinct value (count windows), else `[idx, count, numeric, sum, min, max]` and then the
+/// distinct values if any. Checkpoints from before wrote maps with field names; both decode.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 struct Bucket {
     idx: i64,
     count: u64,
     /// Events in the bucket that carried a numeric value.
+    #[serde(default)]
     numeric: u64,
+    #[serde(default)]
     sum: f64,
+    #[serde(default = "positive_infinity")]
     min: f64,
+    #[serde(default = "negative_infinity")]
     max: f64,
     /// Distinct values (hashes) whose newest sighting was (at the time) this bucket.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "de_values")]
+    #[serde(default, deserialize_with = "de_values")]
     values: Vec<u64>,
+}
+
+fn positive_infinity() -> f64 {
+    f64::INFINITY
+}
+
+fn negative_infinity() -> f64 {
+    f64::NEG_INFINITY
+}
+
+impl Serialize for Bucket {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let len = match (self.numeric, self.values.is_empty()) {
+            (0, true) => 2,
+            (_, true) => 6,
+            _ => 7,
+        };
+        let mut t = s.serialize_tuple(len)?;
+        t.serialize_element(&self.idx)?;
+        t.serialize_element(&self.count)?;
+        if len > 2 {
+            t.serialize_element(&self.numeric)?;
+            t.serialize_element(&self.sum)?;
+            t.serialize_element(&self.min)?;
+            t.serialize_element(&self.max)?;
+        }
+        if len > 6 {
+            t.serialize_element(&self.values)?;
+        }
+        t.end()
+    }
 }
 
 /// One group's window state.
@@ -380,6 +419,25 @@ mod tests {
         w.advance(11 * S);
         assert_eq!(w.value(Aggregate::Distinct), Some(0.0));
         assert_eq!(w.value(Aggregate::Count), Some(0.0));
+    }
+
+    #[test]
+    fn checkpointed_windows_restore_exactly() {
+        let mut count = Window::new(300);
+        let mut sum = Window::new(600);
+        let mut distinct = Window::new(60);
+        for t in 0..50 {
+            count.insert(t * S, t * S, None, None);
+            sum.insert(t * S, t * S, Some(t as f64 - 10.5), None);
+            distinct.insert(t * S, t * S, None, Some(distinct_hash(&(t % 7).to_string())));
+        }
+        for w in [&count, &sum, &distinct] {
+            let back: Window = rmp_serde::from_slice(&rmp_serde::to_vec_named(w).unwrap()).unwrap();
+            assert_eq!(&back, w);
+        }
+        let mut back: Window = rmp_serde::from_slice(&rmp_serde::to_vec_named(&sum).unwrap()).unwrap();
+        back.advance(620 * S);
+        assert_eq!(back.value(Aggregate::Min), Some(10.5), "restored buckets keep their minimums");
     }
 
     #[test]
