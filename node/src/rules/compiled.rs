@@ -172,6 +172,8 @@ pub struct TenantRules {
     pub group_class: Vec<usize>,
     /// How many distinct `group_by` lists the tenant's rules have.
     pub group_classes: usize,
+    /// Slots of the field paths the tenant's rules read, in per-event `Fields` caches.
+    field_slots: HashMap<String, usize>,
     pub silences: Vec<Silence>,
 }
 
@@ -206,8 +208,20 @@ impl TenantRules {
         out
     }
 
-    /// Adds a compiled rule.
-    pub fn push(&mut self, rule: CompiledRule) {
+    /// Adds a compiled rule; its field paths get this tenant's cache slots.
+    pub fn push(&mut self, mut rule: CompiledRule) {
+        let slots = &mut self.field_slots;
+        let mut intern = |p: &mut FieldPath| {
+            let next = slots.len();
+            p.set_slot(*slots.entry(p.as_str().to_string()).or_insert(next));
+        };
+        if let Some(f) = rule.filter.as_mut() {
+            f.for_each_path_mut(&mut intern);
+        }
+        rule.group_by.iter_mut().for_each(&mut intern);
+        if let RuleKind::Window { field: Some(p), .. } = &mut rule.kind {
+            intern(p);
+        }
         let group_by = &rule.rule.spec.group_by;
         let class = match self.rules.iter().position(|r| r.rule.spec.group_by == *group_by) {
             Some(same) => self.group_class[same],

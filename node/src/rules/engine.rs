@@ -35,6 +35,7 @@ use super::effects::{
     json_type, CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint,
     StateKey, Transition, MAX_CATALOG_FIELDS,
 };
+use super::filter::Fields;
 use super::window::{distinct_hash, Insert, Window};
 use crate::model::{EventRecord, TenantId};
 use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome};
@@ -387,6 +388,7 @@ impl Engine {
         let t = ev.occurred_at_ms.min(ev.received_at_ms.saturating_add(self.cfg.max_future_ms));
         let id: Arc<str> = Arc::from(ev.id.as_str());
         let ctx = Ctx { tenant: ev.tenant_id, compiled, cfg: &self.cfg, clock_ms: clock, trigger: seq };
+        let mut fields = Fields::new(ev);
         self.group_key_ready.clear();
         self.group_key_ready.resize(compiled.group_classes, false);
         if self.group_keys.len() < compiled.group_classes {
@@ -394,7 +396,7 @@ impl Engine {
         }
         for &i in index.rules.iter() {
             let Some(rule) = compiled.rules.get(i) else { continue };
-            if rule.filter.as_ref().is_some_and(|f| !f.matches(ev)) {
+            if rule.filter.as_ref().is_some_and(|f| !f.matches_fields(&mut fields)) {
                 continue;
             }
             let decision = match &rule.kind {
@@ -412,11 +414,11 @@ impl Engine {
                 continue;
             };
             if !*ready {
-                group_key(rule, ev, &mut key.0);
+                group_key(rule, &mut fields, &mut key.0);
                 key.1 = group_id(&key.0);
                 *ready = true;
             }
-            on_rule_event(&ctx, ts, rule, ev, &id, t, (&key.0, key.1), &mut self.out, decision.as_ref());
+            on_rule_event(&ctx, ts, rule, &mut fields, &id, t, (&key.0, key.1), &mut self.out, decision.as_ref());
         }
     }
 
@@ -762,10 +764,10 @@ fn rule_state<'a>(
 }
 
 /// Writes the event's group key under `rule`'s `group_by` into `key`.
-fn group_key(rule: &CompiledRule, ev: &EventRecord, key: &mut String) {
+fn group_key(rule: &CompiledRule, fields: &mut Fields<'_>, key: &mut String) {
     key.clear();
     for p in &rule.group_by {
-        match p.resolve(ev) {
+        match fields.get(p) {
             Some(v) => v.write_key(key),
             None => key.push_str("null"),
         }
@@ -778,7 +780,7 @@ fn on_rule_event(
     ctx: &Ctx<'_>,
     ts: &mut TenantState,
     rule: &CompiledRule,
-    ev: &EventRecord,
+    fields: &mut Fields<'_>,
     id: &Arc<str>,
     t: i64,
     (key, gid): (&str, GroupId),
@@ -787,7 +789,7 @@ fn on_rule_event(
 ) {
     let rs = rule_state(ts, rule, ctx.clock_ms, out, ctx.tenant);
     if let Some(g) = rs.groups.get_mut(&gid) {
-        on_group_event(ctx, rule, g, ev, id, t, out, decision);
+        on_group_event(ctx, rule, g, fields, id, t, out, decision);
         return;
     }
     {
@@ -800,12 +802,12 @@ fn on_rule_event(
             }
             return;
         }
-        let values = rule.group_by.iter().map(|p| p.resolve(ev).map_or(Value::Null, |v| v.to_json())).collect();
+        let values = rule.group_by.iter().map(|p| fields.get(p).map_or(Value::Null, |v| v.to_json())).collect();
         rs.groups.insert(gid, Box::new(GroupState::new(key.to_string(), values, t, &rule.kind)));
         out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(key.to_string()) });
     }
     if let Some(g) = rs.groups.get_mut(&gid) {
-        on_group_event(ctx, rule, g, ev, id, t, out, decision);
+        on_group_event(ctx, rule, g, fields, id, t, out, decision);
     }
 }
 
@@ -814,12 +816,13 @@ fn on_group_event(
     ctx: &Ctx<'_>,
     rule: &CompiledRule,
     g: &mut GroupState,
-    ev: &EventRecord,
+    fields: &mut Fields<'_>,
     id: &Arc<str>,
     t: i64,
     out: &mut Out,
     decision: Option<&Decision>,
 ) {
+    let ev = fields.event();
     match &rule.kind {
         RuleKind::Event | RuleKind::Plugin(_) => {
             if t > g.head_ms {
@@ -862,7 +865,7 @@ fn on_group_event(
             let Some(w) = g.window.as_mut() else { return };
             let (value, distinct) = match spec.aggregate {
                 super::spec::Aggregate::Distinct => {
-                    let hash = field.as_ref().and_then(|f| f.resolve(ev)).map(|v| {
+                    let hash = field.as_ref().and_then(|f| fields.get(f)).map(|v| {
                         let mut s = String::new();
                         v.write_key(&mut s);
                         distinct_hash(&s)
@@ -870,7 +873,7 @@ fn on_group_event(
                     (None, hash)
                 }
                 super::spec::Aggregate::Count => (None, None),
-                _ => (field.as_ref().and_then(|f| f.resolve(ev)).and_then(|v| v.as_f64()), None),
+                _ => (field.as_ref().and_then(|f| fields.get(f)).and_then(|v| v.as_f64()), None),
             };
             if w.insert(head, t, value, distinct) == Insert::TooLate {
                 out.late += 1;

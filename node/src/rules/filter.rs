@@ -46,11 +46,53 @@ struct Key {
 }
 
 /// A parsed field path (see the module docs for the grammar).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FieldPath {
     text: Box<str>,
     root: Root,
     keys: Vec<Key>,
+    /// The path's slot in a per-event [`Fields`] cache (assigned per tenant when its rules are
+    /// compiled); `NO_SLOT` resolves every time.
+    slot: u16,
+}
+
+const NO_SLOT: u16 = u16::MAX;
+
+impl PartialEq for FieldPath {
+    fn eq(&self, other: &FieldPath) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for FieldPath {}
+
+/// How many distinct field paths of one tenant's rules a [`Fields`] cache holds; paths past
+/// that are resolved on every use.
+pub const FIELD_SLOTS: usize = 32;
+
+/// One event's field values, each resolved at most once however many rules read it.
+pub struct Fields<'a> {
+    ev: &'a EventRecord,
+    cache: [Option<Option<FieldValue<'a>>>; FIELD_SLOTS],
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(ev: &'a EventRecord) -> Fields<'a> {
+        Fields { ev, cache: [None; FIELD_SLOTS] }
+    }
+
+    pub fn event(&self) -> &'a EventRecord {
+        self.ev
+    }
+
+    /// The value of `path` in the event (see [`FieldPath::resolve`]).
+    pub fn get(&mut self, path: &FieldPath) -> Option<FieldValue<'a>> {
+        match self.cache.get_mut(usize::from(path.slot)) {
+            Some(Some(v)) => *v,
+            Some(slot) => *slot.insert(path.resolve(self.ev)),
+            None => path.resolve(self.ev),
+        }
+    }
 }
 
 impl FieldPath {
@@ -74,7 +116,13 @@ impl FieldPath {
                 keys.push(Key { name: k.into(), index });
             }
         }
-        Some(FieldPath { text: s.into(), root, keys })
+        Some(FieldPath { text: s.into(), root, keys, slot: NO_SLOT })
+    }
+
+    /// Gives the path a slot in per-event [`Fields`] caches (ignored past [`FIELD_SLOTS`]).
+    /// Paths that share a slot must have the same text.
+    pub fn set_slot(&mut self, slot: usize) {
+        self.slot = if slot < FIELD_SLOTS { slot as u16 } else { NO_SLOT };
     }
 
     /// The path as written in the rule.
@@ -360,15 +408,23 @@ enum Node {
 }
 
 impl Node {
-    fn eval(&self, ev: &EventRecord) -> bool {
+    fn eval(&self, fields: &mut Fields<'_>) -> bool {
         match self {
-            Node::All(c) => c.iter().all(|n| n.eval(ev)),
-            Node::Any(c) => c.iter().any(|n| n.eval(ev)),
-            Node::Not(n) => !n.eval(ev),
-            Node::Cond(c) => match c.path.resolve(ev) {
+            Node::All(c) => c.iter().all(|n| n.eval(fields)),
+            Node::Any(c) => c.iter().any(|n| n.eval(fields)),
+            Node::Not(n) => !n.eval(fields),
+            Node::Cond(c) => match fields.get(&c.path) {
                 Some(f) => c.test.eval(f),
                 None => c.test.on_missing(),
             },
+        }
+    }
+
+    fn for_each_path_mut(&mut self, f: &mut dyn FnMut(&mut FieldPath)) {
+        match self {
+            Node::All(c) | Node::Any(c) => c.iter_mut().for_each(|n| n.for_each_path_mut(f)),
+            Node::Not(n) => n.for_each_path_mut(f),
+            Node::Cond(c) => f(&mut c.path),
         }
     }
 }
@@ -388,7 +444,17 @@ impl CompiledFilter {
 
     /// True when `ev` passes the filter.
     pub fn matches(&self, ev: &EventRecord) -> bool {
-        self.root.eval(ev)
+        self.root.eval(&mut Fields::new(ev))
+    }
+
+    /// True when the event whose fields these are passes the filter.
+    pub fn matches_fields(&self, fields: &mut Fields<'_>) -> bool {
+        self.root.eval(fields)
+    }
+
+    /// Visits every field path the filter reads.
+    pub fn for_each_path_mut(&mut self, f: &mut dyn FnMut(&mut FieldPath)) {
+        self.root.for_each_path_mut(f)
     }
 }
 
@@ -524,10 +590,20 @@ mod tests {
         CompiledFilter::compile(&f).unwrap()
     }
 
+    /// Each case alone, and all of them through one shared per-event cache (as the engine
+    /// evaluates a tenant's rules), with slots given per distinct path text.
     fn check(cases: &[(Value, bool)]) {
         let ev = sample();
+        let mut slots = std::collections::HashMap::new();
+        let mut fields = Fields::new(&ev);
         for (f, want) in cases {
-            assert_eq!(compile(f.clone()).matches(&ev), *want, "{f}");
+            let mut filter = compile(f.clone());
+            assert_eq!(filter.matches(&ev), *want, "{f}");
+            filter.for_each_path_mut(&mut |p| {
+                let next = slots.len();
+                p.set_slot(*slots.entry(p.as_str().to_string()).or_insert(next));
+            });
+            assert_eq!(filter.matches_fields(&mut fields), *want, "{f} through the cache");
         }
     }
 
