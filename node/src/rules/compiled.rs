@@ -162,6 +162,19 @@ impl CompiledRule {
     }
 }
 
+/// Window rules of a tenant that share one bucket timeline per group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowClass {
+    /// The members' `group_class`.
+    pub group_class: usize,
+    pub seconds: u64,
+    /// Member rules (indexes into `TenantRules::rules`) and their ids, by lane.
+    pub rules: Vec<usize>,
+    pub rule_ids: Vec<Uuid>,
+    /// Per lane, its column among the lanes that count distinct values.
+    pub dslots: Vec<Option<u32>>,
+}
+
 /// A tenant's enabled rules and silences, compiled. Replaced whole when any of them changes.
 #[derive(Debug, Default)]
 pub struct TenantRules {
@@ -172,6 +185,11 @@ pub struct TenantRules {
     pub group_class: Vec<usize>,
     /// How many distinct `group_by` lists the tenant's rules have.
     pub group_classes: usize,
+    /// Per rule, for window rules: its window class and its lane in that class.
+    pub window_lane: Vec<Option<(usize, usize)>>,
+    /// Window rules with the same `group_by` list and window length, whose windows share one
+    /// bucket timeline per group (see `window::Timeline`).
+    pub window_classes: Vec<WindowClass>,
     /// Slots of the field paths the tenant's rules read, in per-event `Fields` caches.
     field_slots: HashMap<String, usize>,
     pub silences: Vec<Silence>,
@@ -230,6 +248,35 @@ impl TenantRules {
                 self.group_classes - 1
             }
         };
+        let lane = match &rule.kind {
+            RuleKind::Window { spec, .. } => {
+                let c = match self
+                    .window_classes
+                    .iter()
+                    .position(|w| w.group_class == class && w.seconds == spec.seconds)
+                {
+                    Some(c) => c,
+                    None => {
+                        self.window_classes.push(WindowClass {
+                            group_class: class,
+                            seconds: spec.seconds,
+                            rules: Vec::new(),
+                            rule_ids: Vec::new(),
+                            dslots: Vec::new(),
+                        });
+                        self.window_classes.len() - 1
+                    }
+                };
+                let wc = &mut self.window_classes[c];
+                let distinct = matches!(spec.aggregate, super::spec::Aggregate::Distinct);
+                wc.dslots.push(distinct.then(|| wc.dslots.iter().flatten().count() as u32));
+                wc.rules.push(self.rules.len());
+                wc.rule_ids.push(rule.id());
+                Some((c, wc.rules.len() - 1))
+            }
+            _ => None,
+        };
+        self.window_lane.push(lane);
         self.by_id.insert(rule.id(), self.rules.len());
         self.group_class.push(class);
         self.rules.push(Arc::new(rule));

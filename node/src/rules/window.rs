@@ -94,26 +94,51 @@ fn negative_infinity() -> f64 {
 
 impl Serialize for Bucket {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let len = match (self.numeric, self.values.is_empty()) {
-            (0, true) => 2,
-            (_, true) => 6,
-            _ => 7,
-        };
-        let mut t = s.serialize_tuple(len)?;
-        t.serialize_element(&self.idx)?;
-        t.serialize_element(&self.count)?;
-        if len > 2 {
-            t.serialize_element(&self.numeric)?;
-            t.serialize_element(&self.sum)?;
-            t.serialize_element(&self.min)?;
-            t.serialize_element(&self.max)?;
-        }
-        if len > 6 {
-            t.serialize_element(&self.values)?;
-        }
-        t.end()
+        let acc = (self.count, self.numeric, self.sum, self.min, self.max);
+        serialize_bucket(s, self.idx, acc, Values(self.values.iter().copied(), self.values.len()))
     }
+}
+
+/// Distinct values serialized as a sequence of known length.
+struct Values<I>(I, usize);
+
+impl<I: Iterator<Item = u64> + Clone> Serialize for Values<I> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.1))?;
+        for v in self.0.clone() {
+            seq.serialize_element(&v)?;
+        }
+        seq.end()
+    }
+}
+
+/// A bucket as checkpoints hold it (see [`Bucket`]); `acc` is (count, numeric, sum, min, max).
+fn serialize_bucket<S: Serializer, I: Iterator<Item = u64> + Clone>(
+    s: S,
+    idx: i64,
+    (count, numeric, sum, min, max): (u64, u64, f64, f64, f64),
+    values: Values<I>,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeTuple;
+    let len = match (numeric, values.1 == 0) {
+        (0, true) => 2,
+        (_, true) => 6,
+        _ => 7,
+    };
+    let mut t = s.serialize_tuple(len)?;
+    t.serialize_element(&idx)?;
+    t.serialize_element(&count)?;
+    if len > 2 {
+        t.serialize_element(&numeric)?;
+        t.serialize_element(&sum)?;
+        t.serialize_element(&min)?;
+        t.serialize_element(&max)?;
+    }
+    if len > 6 {
+        t.serialize_element(&values)?;
+    }
+    t.end()
 }
 
 /// One group's window state.
@@ -149,6 +174,10 @@ impl Window {
     pub fn new(seconds: u64) -> Window {
         let width_ms = bucket_width_ms(seconds);
         let span = ((seconds as i64) * 1000).div_euclid(width_ms).max(1);
+        Window::new_with(width_ms, span)
+    }
+
+    fn new_with(width_ms: i64, span: i64) -> Window {
         Window {
             width_ms,
             span,
@@ -291,6 +320,526 @@ impl Window {
             Aggregate::Max => (self.numeric > 0).then_some(self.max),
             Aggregate::Avg => (self.numeric > 0).then(|| self.sum / self.numeric as f64),
         }
+    }
+}
+
+/// One group's windows for several rules at once: the rules of a tenant that group by the
+/// same fields over windows of the same length share one bucket timeline per group, and each
+/// bucket holds every member rule's ("lane's") accumulators side by side. An event then
+/// touches one run of adjacent memory per (group-by, window length) instead of one separate
+/// window per rule.
+///
+/// Each lane keeps its own head (the latest event time it saw, or the watermark), so a lane
+/// behaves exactly like a [`Window`] of its own: its accumulators are never set in buckets
+/// past its head, its totals cover the buckets in `(b(head) - span, b(head)]`, and a bucket
+/// leaves the timeline once it has left every started lane's window.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    width_ms: i64,
+    span: i64,
+    lanes: usize,
+    /// Bucket indexes, ascending.
+    idxs: VecDeque<i64>,
+    /// `lanes` accumulators per bucket, bucket after bucket.
+    accs: VecDeque<Acc>,
+    /// Per bucket (only when a lane counts distinct values): the values whose newest sighting
+    /// in some lane was, at the time, this bucket.
+    dvals: VecDeque<Vec<u64>>,
+    /// Per lane: its column among the distinct lanes.
+    dslots: std::sync::Arc<[Option<u32>]>,
+    dlanes: usize,
+    /// Distinct value → its row in `rows`, which holds the newest bucket index per distinct
+    /// lane (`i64::MIN`: not in that lane's window).
+    distinct: foldhash::HashMap<u64, u32>,
+    rows: Vec<i64>,
+    free_rows: Vec<u32>,
+    totals: Vec<Totals>,
+}
+
+/// One lane's share of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Acc {
+    count: u32,
+    numeric: u32,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+const EMPTY_ACC: Acc = Acc { count: 0, numeric: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY };
+
+/// One lane's aggregate over its window, and its head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Totals {
+    started: bool,
+    head_ms: i64,
+    count: u64,
+    numeric: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    distinct: u64,
+    left_since_recompute: i64,
+}
+
+const IDLE_LANE: Totals = Totals {
+    started: false,
+    head_ms: i64::MIN,
+    count: 0,
+    numeric: 0,
+    sum: 0.0,
+    min: f64::INFINITY,
+    max: f64::NEG_INFINITY,
+    distinct: 0,
+    left_since_recompute: 0,
+};
+
+impl Timeline {
+    /// A timeline for windows of `seconds`, with one lane per entry of `dslots` (each lane's
+    /// column among the lanes that count distinct values, if it does).
+    pub fn new(seconds: u64, dslots: std::sync::Arc<[Option<u32>]>) -> Timeline {
+        let width_ms = bucket_width_ms(seconds);
+        let span = ((seconds as i64) * 1000).div_euclid(width_ms).max(1);
+        let dlanes = dslots.iter().flatten().count();
+        Timeline {
+            width_ms,
+            span,
+            lanes: dslots.len(),
+            idxs: VecDeque::new(),
+            accs: VecDeque::new(),
+            dvals: VecDeque::new(),
+            dlanes,
+            dslots: dslots.clone(),
+            distinct: foldhash::HashMap::default(),
+            rows: Vec::new(),
+            free_rows: Vec::new(),
+            totals: vec![IDLE_LANE; dslots.len()],
+        }
+    }
+
+    fn idx(&self, t_ms: i64) -> i64 {
+        t_ms.div_euclid(self.width_ms)
+    }
+
+    fn first_idx(&self, head_ms: i64) -> i64 {
+        self.idx(head_ms) - self.span + 1
+    }
+
+    /// Position of the first bucket whose index is at least `idx`.
+    fn position(&self, idx: i64) -> usize {
+        self.idxs.partition_point(|&i| i < idx)
+    }
+
+    pub fn is_started(&self, lane: usize) -> bool {
+        self.totals.get(lane).is_some_and(|t| t.started)
+    }
+
+    /// Whether no lane is started (the timeline holds nothing).
+    pub fn is_idle(&self) -> bool {
+        !self.totals.iter().any(|t| t.started)
+    }
+
+    pub fn head(&self, lane: usize) -> i64 {
+        self.totals.get(lane).map_or(i64::MIN, |t| t.head_ms)
+    }
+
+    /// Whether the lane's window holds no event.
+    pub fn lane_is_empty(&self, lane: usize) -> bool {
+        self.totals.get(lane).is_none_or(|t| t.count == 0)
+    }
+
+    /// Starts a lane with its head at `head_ms` and an empty window.
+    pub fn start(&mut self, lane: usize, head_ms: i64) {
+        self.stop(lane);
+        if let Some(t) = self.totals.get_mut(lane) {
+            t.started = true;
+            t.head_ms = head_ms;
+        }
+    }
+
+    /// Empties a lane and stops it.
+    pub fn stop(&mut self, lane: usize) {
+        let Some(t) = self.totals.get_mut(lane) else { return };
+        let was_started = t.started;
+        *t = IDLE_LANE;
+        if !was_started {
+            return;
+        }
+        for b in 0..self.idxs.len() {
+            self.accs[b * self.lanes + lane] = EMPTY_ACC;
+        }
+        if let Some(d) = self.dslots[lane] {
+            let (d, n) = (d as usize, self.dlanes);
+            for row in self.rows.chunks_mut(n) {
+                row[d] = i64::MIN;
+            }
+        }
+        self.trim();
+    }
+
+    /// Moves a started lane's head to `head_ms` (when later) and drops from its window the
+    /// buckets that fell out.
+    pub fn advance(&mut self, lane: usize, head_ms: i64) {
+        let Some(t) = self.totals.get(lane).copied().filter(|t| t.started && t.head_ms < head_ms) else { return };
+        let (old_first, new_first) = (self.first_idx(t.head_ms), self.first_idx(head_ms));
+        self.totals[lane].head_ms = head_ms;
+        if new_first == old_first {
+            return;
+        }
+        let (from, to) = (self.position(old_first), self.position(new_first));
+        let mut extreme_left = false;
+        let dslot = self.dslots[lane].map(|d| d as usize);
+        for b in from..to {
+            let acc = std::mem::replace(&mut self.accs[b * self.lanes + lane], EMPTY_ACC);
+            let tot = &mut self.totals[lane];
+            tot.count -= u64::from(acc.count);
+            if acc.numeric > 0 {
+                tot.numeric -= u64::from(acc.numeric);
+                tot.sum -= acc.sum;
+                extreme_left |= acc.min <= tot.min || acc.max >= tot.max;
+                tot.left_since_recompute += 1;
+            }
+            if let (Some(d), Some(vals)) = (dslot, self.dvals.get(b)) {
+                let idx = self.idxs[b];
+                for v in vals {
+                    let Some(&r) = self.distinct.get(v) else { continue };
+                    let cell = &mut self.rows[r as usize * self.dlanes + d];
+                    if *cell == idx {
+                        *cell = i64::MIN;
+                        self.totals[lane].distinct -= 1;
+                    }
+                }
+            }
+        }
+        let tot = &mut self.totals[lane];
+        if tot.numeric == 0 {
+            tot.sum = 0.0;
+            tot.min = f64::INFINITY;
+            tot.max = f64::NEG_INFINITY;
+            tot.left_since_recompute = 0;
+        } else if extreme_left || tot.left_since_recompute >= self.span {
+            self.recompute(lane);
+        }
+        self.trim();
+    }
+
+    fn recompute(&mut self, lane: usize) {
+        let head = self.totals[lane].head_ms;
+        let (from, to) = (self.position(self.first_idx(head)), self.position(self.idx(head) + 1));
+        let (mut numeric, mut sum, mut min, mut max) = (0u64, 0.0, f64::INFINITY, f64::NEG_INFINITY);
+        for b in from..to {
+            let acc = &self.accs[b * self.lanes + lane];
+            numeric += u64::from(acc.numeric);
+            sum += acc.sum;
+            min = min.min(acc.min);
+            max = max.max(acc.max);
+        }
+        let tot = &mut self.totals[lane];
+        (tot.numeric, tot.sum, tot.min, tot.max, tot.left_since_recompute) = (numeric, sum, min, max, 0);
+    }
+
+    /// Drops the buckets no started lane's window reaches any more.
+    fn trim(&mut self) {
+        let first = self.totals.iter().filter(|t| t.started).map(|t| self.first_idx(t.head_ms)).min();
+        let first = first.unwrap_or(i64::MAX);
+        while self.idxs.front().is_some_and(|&i| i < first) {
+            self.idxs.pop_front();
+            self.accs.drain(..self.lanes);
+            if let Some(vals) = self.dvals.pop_front() {
+                for v in vals {
+                    let Some(&r) = self.distinct.get(&v) else { continue };
+                    let row = &self.rows[r as usize * self.dlanes..][..self.dlanes];
+                    if row.iter().all(|&c| c == i64::MIN) {
+                        self.distinct.remove(&v);
+                        self.free_rows.push(r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The position of bucket `idx`, created (empty in every lane) when missing.
+    fn bucket(&mut self, idx: i64) -> usize {
+        // Events mostly land in the newest bucket, or just after it.
+        let at = match self.idxs.back() {
+            Some(&last) if last == idx => return self.idxs.len() - 1,
+            Some(&last) if last < idx => self.idxs.len(),
+            _ => self.position(idx),
+        };
+        if self.idxs.get(at) == Some(&idx) {
+            return at;
+        }
+        self.idxs.insert(at, idx);
+        if at == self.idxs.len() - 1 {
+            self.accs.extend(std::iter::repeat_n(EMPTY_ACC, self.lanes));
+        } else {
+            let tail = self.accs.split_off(at * self.lanes);
+            self.accs.extend(std::iter::repeat_n(EMPTY_ACC, self.lanes));
+            self.accs.extend(tail);
+        }
+        if self.dlanes > 0 {
+            self.dvals.insert(at, Vec::new());
+        }
+        at
+    }
+
+    /// The row of a distinct value, created (in no lane's window) when missing.
+    fn row(&mut self, value: u64) -> usize {
+        if let Some(&r) = self.distinct.get(&value) {
+            return r as usize;
+        }
+        let r = match self.free_rows.pop() {
+            Some(r) => r,
+            None => {
+                self.rows.extend(std::iter::repeat_n(i64::MIN, self.dlanes));
+                (self.rows.len() / self.dlanes - 1) as u32
+            }
+        };
+        self.rows[r as usize * self.dlanes..][..self.dlanes].fill(i64::MIN);
+        self.distinct.insert(value, r);
+        r as usize
+    }
+
+    /// Adds one event at `t_ms` to a started lane (callers advance the lane's head first when
+    /// the event is newer). `value` and `distinct` are as for [`Window::insert`].
+    pub fn insert(&mut self, lane: usize, t_ms: i64, value: Option<f64>, distinct: Option<u64>) -> Insert {
+        let Some(head) = self.totals.get(lane).filter(|t| t.started).map(|t| t.head_ms) else {
+            return Insert::TooLate;
+        };
+        let idx = self.idx(t_ms);
+        if idx < self.first_idx(head) {
+            return Insert::TooLate;
+        }
+        let b = self.bucket(idx);
+        let acc = &mut self.accs[b * self.lanes + lane];
+        acc.count = acc.count.saturating_add(1);
+        let tot = &mut self.totals[lane];
+        tot.count += 1;
+        if let Some(v) = value.filter(|v| v.is_finite()) {
+            acc.numeric = acc.numeric.saturating_add(1);
+            acc.sum += v;
+            acc.min = acc.min.min(v);
+            acc.max = acc.max.max(v);
+            tot.numeric += 1;
+            tot.sum += v;
+            tot.min = tot.min.min(v);
+            tot.max = tot.max.max(v);
+        }
+        if let (Some(v), Some(d)) = (distinct, self.dslots[lane]) {
+            let r = self.row(v);
+            let row = &mut self.rows[r * self.dlanes..][..self.dlanes];
+            let cell = row[d as usize];
+            if cell < idx {
+                let listed = row.contains(&idx);
+                row[d as usize] = idx;
+                if cell == i64::MIN {
+                    self.totals[lane].distinct += 1;
+                }
+                if !listed {
+                    if let Some(vals) = self.dvals.get_mut(b) {
+                        vals.push(v);
+                    }
+                }
+            }
+        }
+        Insert::Counted
+    }
+
+    /// A lane's aggregate over its window, as [`Window::value`].
+    pub fn value(&self, lane: usize, aggregate: Aggregate) -> Option<f64> {
+        let t = self.totals.get(lane)?;
+        match aggregate {
+            Aggregate::Count => Some(t.count as f64),
+            Aggregate::Sum => Some(t.sum),
+            Aggregate::Distinct => Some(t.distinct as f64),
+            Aggregate::Min => (t.numeric > 0).then_some(t.min),
+            Aggregate::Max => (t.numeric > 0).then_some(t.max),
+            Aggregate::Avg => (t.numeric > 0).then(|| t.sum / t.numeric as f64),
+        }
+    }
+
+    /// A lane's window as a [`Window`] of its own (what checkpoints hold).
+    pub fn export(&self, lane: usize) -> Window {
+        let mut w = Window::new_with(self.width_ms, self.span);
+        let Some(t) = self.totals.get(lane).filter(|t| t.started) else { return w };
+        (w.count, w.numeric, w.sum, w.min, w.max) = (t.count, t.numeric, t.sum, t.min, t.max);
+        let dslot = self.dslots[lane].map(|d| d as usize);
+        if let Some(d) = dslot {
+            for (&v, &r) in &self.distinct {
+                let cell = self.rows[r as usize * self.dlanes + d];
+                if cell != i64::MIN {
+                    w.distinct.insert(v, cell);
+                }
+            }
+        }
+        let (from, to) = (self.position(self.first_idx(t.head_ms)), self.position(self.idx(t.head_ms) + 1));
+        for b in from..to {
+            let acc = &self.accs[b * self.lanes + lane];
+            if acc.count == 0 {
+                continue;
+            }
+            let idx = self.idxs[b];
+            let values = match (dslot, self.dvals.get(b)) {
+                (Some(_), Some(vals)) => vals.iter().copied().filter(|v| w.distinct.get(v) == Some(&idx)).collect(),
+                _ => Vec::new(),
+            };
+            w.buckets.push_back(Bucket {
+                idx,
+                count: u64::from(acc.count),
+                numeric: u64::from(acc.numeric),
+                sum: acc.sum,
+                min: acc.min,
+                max: acc.max,
+                values,
+            });
+        }
+        w
+    }
+
+    /// A lane's window serialized exactly as the [`Window`] [`Timeline::export`] builds,
+    /// straight from the timeline.
+    pub fn lane_window(&self, lane: usize) -> LaneWindow<'_> {
+        LaneWindow { tl: self, lane }
+    }
+
+    /// Starts a lane from a [`Window`] of its own whose head was `head_ms` (a restored
+    /// checkpoint). A window of another bucket width starts the lane empty.
+    pub fn import(&mut self, lane: usize, head_ms: i64, w: &Window) {
+        self.start(lane, head_ms);
+        if w.width_ms != self.width_ms || w.span != self.span || lane >= self.lanes {
+            return;
+        }
+        let first = self.first_idx(head_ms);
+        let dslot = self.dslots[lane];
+        let last = self.idx(head_ms);
+        for bk in w.buckets.iter().filter(|b| b.idx >= first && b.idx <= last) {
+            let b = self.bucket(bk.idx);
+            self.accs[b * self.lanes + lane] = Acc {
+                count: u32::try_from(bk.count).unwrap_or(u32::MAX),
+                numeric: u32::try_from(bk.numeric).unwrap_or(u32::MAX),
+                sum: bk.sum,
+                min: bk.min,
+                max: bk.max,
+            };
+            let tot = &mut self.totals[lane];
+            tot.count += bk.count;
+            tot.numeric += bk.numeric;
+        }
+        if let Some(d) = dslot {
+            // A value is in the window while its newest sighting's bucket is.
+            for (&v, &newest) in &w.distinct {
+                let b = self.position(newest);
+                if newest < first || self.idxs.get(b) != Some(&newest) {
+                    continue;
+                }
+                if let Some(vals) = self.dvals.get_mut(b) {
+                    if !vals.contains(&v) {
+                        vals.push(v);
+                    }
+                }
+                let r = self.row(v);
+                self.rows[r * self.dlanes + d as usize] = newest;
+                self.totals[lane].distinct += 1;
+            }
+        }
+        self.recompute(lane);
+        self.trim();
+    }
+}
+
+/// See [`Timeline::lane_window`].
+pub struct LaneWindow<'a> {
+    tl: &'a Timeline,
+    lane: usize,
+}
+
+impl LaneWindow<'_> {
+    fn dslot(&self) -> Option<usize> {
+        self.tl.dslots.get(self.lane).copied().flatten().map(|d| d as usize)
+    }
+
+    /// The newest bucket of `value` in this lane's window, if it is in it.
+    fn newest(&self, value: u64) -> Option<i64> {
+        let d = self.dslot()?;
+        let r = *self.tl.distinct.get(&value)?;
+        Some(self.tl.rows[r as usize * self.tl.dlanes + d]).filter(|&c| c != i64::MIN)
+    }
+
+    /// The distinct values (with their newest bucket) in this lane's window.
+    fn distinct(&self) -> impl Iterator<Item = (u64, i64)> + Clone + '_ {
+        let d = self.dslot();
+        let (rows, n) = (&self.tl.rows, self.tl.dlanes);
+        self.tl.distinct.iter().filter_map(move |(&v, &r)| {
+            let cell = rows[r as usize * n + d?];
+            (cell != i64::MIN).then_some((v, cell))
+        })
+    }
+}
+
+struct Buckets<'a>(&'a LaneWindow<'a>);
+
+impl Serialize for Buckets<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let (w, tl) = (self.0, self.0.tl);
+        let Some(t) = tl.totals.get(w.lane).filter(|t| t.started) else { return s.serialize_seq(Some(0))?.end() };
+        let (from, to) = (tl.position(tl.first_idx(t.head_ms)), tl.position(tl.idx(t.head_ms) + 1));
+        let acc = |b: usize| &tl.accs[b * tl.lanes + w.lane];
+        let mut seq = s.serialize_seq(Some((from..to).filter(|&b| acc(b).count > 0).count()))?;
+        for b in (from..to).filter(|&b| acc(b).count > 0) {
+            let (idx, a) = (tl.idxs[b], acc(b));
+            let values = tl.dvals.get(b).filter(|_| w.dslot().is_some()).map_or(&[][..], |v| v.as_slice());
+            let mine = values.iter().copied().filter(move |&v| w.newest(v) == Some(idx));
+            let n = mine.clone().count();
+            let totals = (u64::from(a.count), u64::from(a.numeric), a.sum, a.min, a.max);
+            seq.serialize_element(&BucketOut(idx, totals, Values(mine, n)))?;
+        }
+        seq.end()
+    }
+}
+
+struct BucketOut<I>(i64, (u64, u64, f64, f64, f64), Values<I>);
+
+impl<I: Iterator<Item = u64> + Clone> Serialize for BucketOut<I> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_bucket(s, self.0, self.1, Values(self.2 .0.clone(), self.2 .1))
+    }
+}
+
+struct DistinctOut<'a>(&'a LaneWindow<'a>, usize);
+
+impl Serialize for DistinctOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.1))?;
+        for (v, newest) in self.0.distinct() {
+            m.serialize_entry(&v, &newest)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for LaneWindow<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let tl = self.tl;
+        let t = tl.totals.get(self.lane).filter(|t| t.started).copied().unwrap_or(IDLE_LANE);
+        let distinct = self.distinct().count();
+        let mut st = s.serialize_struct("Window", if distinct > 0 { 9 } else { 8 })?;
+        st.serialize_field("width_ms", &tl.width_ms)?;
+        st.serialize_field("span", &tl.span)?;
+        st.serialize_field("buckets", &Buckets(self))?;
+        st.serialize_field("count", &t.count)?;
+        st.serialize_field("numeric", &t.numeric)?;
+        st.serialize_field("sum", &t.sum)?;
+        st.serialize_field("min", &t.min)?;
+        st.serialize_field("max", &t.max)?;
+        if distinct > 0 {
+            st.serialize_field("distinct", &DistinctOut(self, distinct))?;
+        } else {
+            st.skip_field("distinct")?;
+        }
+        st.end()
     }
 }
 
@@ -469,5 +1018,123 @@ mod tests {
         assert_eq!(w.value(Aggregate::Count), Some(1.0));
         w.advance(86_400 * S);
         assert_eq!(w.value(Aggregate::Count), Some(0.0));
+    }
+    /// Lanes of a shared timeline behave exactly like windows of their own, whatever the other
+    /// lanes do: random events (in and out of order, late ones too), watermark advances, lanes
+    /// stopped and restarted, and lanes exported and imported again.
+    #[test]
+    fn timeline_lanes_match_independent_windows() {
+        use rand::{Rng, SeedableRng};
+        let aggregates =
+            [Aggregate::Count, Aggregate::Sum, Aggregate::Avg, Aggregate::Min, Aggregate::Max, Aggregate::Distinct];
+        for seconds in [3u64, 10, 7_200] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seconds);
+            let dslots: std::sync::Arc<[Option<u32>]> = vec![None, Some(0), None, Some(1)].into();
+            let mut tl = Timeline::new(seconds, dslots.clone());
+            let mut reference: Vec<Option<(i64, Window)>> = vec![None; 4];
+            let step = (seconds as i64 * 1000) / 8;
+            let mut now = 0i64;
+            for round in 0..4_000 {
+                let lane = rng.random_range(0..4usize);
+                match rng.random_range(0..20) {
+                    0 => {
+                        tl.stop(lane);
+                        reference[lane] = None;
+                    }
+                    1 => {
+                        // The watermark moves every started lane's head.
+                        now += step;
+                        for (l, r) in reference.iter_mut().enumerate() {
+                            if let Some((head, w)) = r.as_mut().filter(|(h, _)| *h < now - 2 * step) {
+                                *head = now - 2 * step;
+                                w.advance(*head);
+                                tl.advance(l, now - 2 * step);
+                            }
+                        }
+                    }
+                    2 => {
+                        let Some((head, _)) = &reference[lane] else { continue };
+                        let exported = tl.export(lane);
+                        let head = *head;
+                        tl.import(lane, head, &exported);
+                    }
+                    _ => {
+                        now += rng.random_range(0..step / 4 + 1);
+                        let t = now - rng.random_range(0..3 * step);
+                        let value = (rng.random_range(0..5) > 0).then(|| rng.random_range(-50..50) as f64 / 4.0);
+                        let distinct = dslots[lane].map(|_| rng.random_range(0..12u64));
+                        let (head, w) = reference[lane].get_or_insert_with(|| {
+                            tl.start(lane, t);
+                            (t, Window::new(seconds))
+                        });
+                        if t > *head {
+                            *head = t;
+                            w.advance(t);
+                            tl.advance(lane, t);
+                        }
+                        assert_eq!(
+                            tl.insert(lane, t, value, distinct),
+                            w.insert(*head, t, value, distinct),
+                            "round {round}"
+                        );
+                    }
+                }
+                for (l, r) in reference.iter().enumerate() {
+                    let Some((head, w)) = r else {
+                        assert!(!tl.is_started(l));
+                        continue;
+                    };
+                    assert_eq!(tl.head(l), *head);
+                    for a in aggregates {
+                        let (got, want) = (tl.value(l, a), w.value(a));
+                        let close = match (got, want) {
+                            (Some(g), Some(w)) => (g - w).abs() < 1e-6,
+                            (g, w) => g == w,
+                        };
+                        assert!(close, "{seconds} s, round {round}, lane {l}, {a:?}: {got:?} vs {want:?}");
+                    }
+                    let exported = tl.export(l);
+                    assert_eq!(exported.count(), w.count());
+                    assert_eq!(exported.value(Aggregate::Distinct), w.value(Aggregate::Distinct));
+                }
+            }
+            // Nothing outlives the lanes that used it.
+            for l in 0..4 {
+                tl.stop(l);
+            }
+            assert!(tl.is_idle() && tl.idxs.is_empty() && tl.accs.is_empty() && tl.distinct.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_exported_lane_checkpoints_like_a_window_of_its_own() {
+        let dslots: std::sync::Arc<[Option<u32>]> = vec![Some(0), None].into();
+        let mut tl = Timeline::new(60, dslots);
+        let mut w = Window::new(60);
+        tl.start(0, 0);
+        tl.start(1, 0);
+        for t in 0..90 {
+            w.advance(t * S);
+            tl.advance(0, t * S);
+            tl.advance(1, t * S);
+            let d = Some(distinct_hash(&(t % 13).to_string()));
+            w.insert(t * S, t * S, Some(t as f64), d);
+            tl.insert(0, t * S, Some(t as f64), d);
+            tl.insert(1, t * S, None, None);
+        }
+        let bytes = rmp_serde::to_vec_named(&tl.export(0)).unwrap();
+        for lane in 0..2 {
+            let view = rmp_serde::to_vec_named(&tl.lane_window(lane)).unwrap();
+            let exported: Window = rmp_serde::from_slice(&rmp_serde::to_vec_named(&tl.export(lane)).unwrap()).unwrap();
+            assert_eq!(rmp_serde::from_slice::<Window>(&view).unwrap(), exported, "lane {lane}");
+        }
+        let mut back: Window = rmp_serde::from_slice(&bytes).unwrap();
+        for a in [Aggregate::Count, Aggregate::Sum, Aggregate::Min, Aggregate::Max, Aggregate::Distinct] {
+            assert_eq!(back.value(a), w.value(a), "{a:?}");
+        }
+        back.advance(100 * S);
+        w.advance(100 * S);
+        assert_eq!(back.value(Aggregate::Distinct), w.value(Aggregate::Distinct));
+        assert_eq!(back.value(Aggregate::Min), w.value(Aggregate::Min));
     }
 }
