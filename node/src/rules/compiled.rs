@@ -165,6 +165,9 @@ impl CompiledRule {
 /// Window rules of a tenant that share one bucket timeline per group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowClass {
+    /// Stable identity of the class (its `group_by` list and window length): the `rule` of
+    /// its groups' checkpoint entries.
+    pub id: Uuid,
     /// The members' `group_class`.
     pub group_class: usize,
     pub seconds: u64,
@@ -257,7 +260,9 @@ impl TenantRules {
                 {
                     Some(c) => c,
                     None => {
+                        let identity = format!("window class\u{1f}{}\u{1f}{}", group_by.join("\u{1f}"), spec.seconds);
                         self.window_classes.push(WindowClass {
+                            id: Uuid::from_u128(xxhash_rust::xxh3::xxh3_128(identity.as_bytes())),
                             group_class: class,
                             seconds: spec.seconds,
                             rules: Vec::new(),

@@ -36,7 +36,7 @@ use super::effects::{
     StateKey, Transition, MAX_CATALOG_FIELDS,
 };
 use super::filter::Fields;
-use super::window::{distinct_hash, Insert, LaneWindow, Timeline, Window};
+use super::window::{distinct_hash, window_from_stored, Bucket, Insert, Timeline, Window};
 use crate::model::{EventRecord, TenantId};
 use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome};
 use crate::plugins::state::{Counter, EntryKey, PluginState};
@@ -47,6 +47,9 @@ use crate::telemetry;
 /// JSON values, which never start with a NUL), followed by the entry's key in hex.
 const PLUGIN_WINDOW: &str = "\u{0}w";
 const PLUGIN_STATE: &str = "\u{0}s";
+/// A window class's group is stored under the class id (as `rule`) and this prefix followed
+/// by the group key.
+const CLASS_GROUP: &str = "\u{0}c";
 
 fn plugin_entry_group(k: &EntryKey) -> String {
     match k {
@@ -200,6 +203,9 @@ struct TenantState {
     rules: FastMap<Uuid, RuleState>,
     /// Window state, per window class of `compiled` (same order).
     classes: Vec<ClassState>,
+    /// Stored window state read at restore (shared groups, and window groups stored per rule
+    /// before classes existed): rewritten in the current layout once the rules are known.
+    restored: Vec<StateKey>,
 }
 
 /// The groups of one window class: the window rules of a tenant with the same `group_by` and
@@ -207,6 +213,7 @@ struct TenantState {
 /// lane's alert state next to it, so an event updates all of a group's rules in one place.
 #[derive(Debug)]
 struct ClassState {
+    id: Uuid,
     seconds: u64,
     rule_ids: Vec<Uuid>,
     dslots: Arc<[Option<u32>]>,
@@ -216,6 +223,7 @@ struct ClassState {
 impl ClassState {
     fn new(class: &WindowClass) -> ClassState {
         ClassState {
+            id: class.id,
             seconds: class.seconds,
             rule_ids: class.rule_ids.clone(),
             dslots: class.dslots.clone().into(),
@@ -224,7 +232,10 @@ impl ClassState {
     }
 
     fn same_layout(&self, class: &WindowClass) -> bool {
-        self.seconds == class.seconds && self.rule_ids == class.rule_ids && *self.dslots == *class.dslots
+        self.id == class.id
+            && self.seconds == class.seconds
+            && self.rule_ids == class.rule_ids
+            && *self.dslots == *class.dslots
     }
 }
 
@@ -236,6 +247,8 @@ struct SharedGroup {
     values: Vec<Value>,
     timeline: Timeline,
     lanes: Vec<Lane>,
+    /// Changed since the last checkpoint.
+    dirty: bool,
 }
 
 impl SharedGroup {
@@ -245,6 +258,7 @@ impl SharedGroup {
             values,
             timeline: Timeline::new(seconds, dslots.clone()),
             lanes: (0..dslots.len()).map(|_| Lane::default()).collect(),
+            dirty: false,
         }
     }
 }
@@ -256,24 +270,106 @@ struct Lane {
     pending_since_ms: Option<i64>,
     open: Option<Box<Alert>>,
     last_fired_ms: Option<i64>,
-    /// Changed since the last checkpoint.
-    dirty: bool,
 }
 
-/// A lane as checkpoints hold it: the same entry as a [`GroupState`] of its own.
-#[derive(Serialize)]
-struct LaneEntry<'a> {
-    values: &'a [Value],
-    head_ms: i64,
-    window: LaneWindow<'a>,
-    recent: &'a VecDeque<Arc<str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pending_since_ms: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    open: Option<&'a Alert>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_fired_ms: Option<i64>,
+/// A shared group as checkpoints hold it, positionally:
+/// `[seconds, values, ids, idxs, dvals, lanes]`. `ids` are the event ids the lanes' samples
+/// name (each once), `idxs` the timeline's bucket indexes and `dvals` its distinct values
+/// (hashes). Each started lane is
+/// `[rule, head_ms, buckets, distinct, recent, pending_since_ms, open, last_fired_ms]`:
+/// `buckets` its non-empty buckets by position in `idxs`, `distinct` per value of `dvals` the
+/// position of its newest sighting (or nil), `recent` positions in `ids`, and `open` the open
+/// alert's named MessagePack encoding.
+struct GroupEntry<'a> {
+    group: &'a SharedGroup,
+    class: &'a ClassState,
+    /// Event ids in the entry: index by pointer, and the ids in order.
+    ids: &'a FastMap<usize, u32>,
+    id_list: &'a [&'a Arc<str>],
 }
+
+impl Serialize for GroupEntry<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeTuple};
+        let (g, tl) = (self.group, &self.group.timeline);
+        let mut t = s.serialize_tuple(6)?;
+        t.serialize_element(&self.class.seconds)?;
+        t.serialize_element(&g.values)?;
+        t.serialize_element(self.id_list)?;
+        t.serialize_element(tl.stored_idxs())?;
+        t.serialize_element(&tl.stored_values())?;
+        let mut lanes = Vec::with_capacity(g.lanes.len());
+        for (lane, (l, rule)) in g.lanes.iter().zip(&self.class.rule_ids).enumerate() {
+            if !tl.is_started(lane) {
+                continue;
+            }
+            let recent: Vec<u32> = l
+                .recent
+                .iter()
+                .filter_map(|id| self.ids.get(&(Arc::as_ptr(id) as *const u8 as usize)).copied())
+                .collect();
+            let open = match &l.open {
+                Some(a) => Some(Bin(rmp_serde::to_vec_named(&**a).map_err(S::Error::custom)?)),
+                None => None,
+            };
+            lanes.push((
+                rule,
+                tl.head(lane),
+                tl.stored_buckets(lane),
+                tl.stored_distinct(lane),
+                recent,
+                l.pending_since_ms,
+                open,
+                l.last_fired_ms,
+            ));
+        }
+        t.serialize_element(&lanes)?;
+        t.end()
+    }
+}
+
+/// Bytes as MessagePack `bin`.
+#[derive(Debug)]
+struct Bin(Vec<u8>);
+
+impl Serialize for Bin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bin {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Bin;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bin, E> {
+                Ok(Bin(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bin, E> {
+                Ok(Bin(v))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// A stored shared group (see [`GroupEntry`]).
+#[derive(Deserialize)]
+struct StoredGroup {
+    seconds: u64,
+    values: Vec<Value>,
+    ids: Vec<Arc<str>>,
+    idxs: Vec<i64>,
+    dvals: Vec<u64>,
+    lanes: Vec<StoredLane>,
+}
+
+#[derive(Deserialize)]
+struct StoredLane(Uuid, i64, Vec<Bucket>, Vec<Option<u32>>, Vec<u32>, Option<i64>, Option<Bin>, Option<i64>);
 
 /// Buffers of what the engine emits between two `take_effects`.
 #[derive(Default)]
@@ -378,8 +474,49 @@ impl Engine {
         e.clock_ms = meta.clock_ms;
         for (k, bytes) in entries {
             let rule = k.rule;
-            let rs = e.tenants.entry(k.tenant).or_default().rules.entry(k.rule).or_default();
             let bad = |source: Box<dyn std::error::Error + Send + Sync>| RestoreError { rule, source };
+            if let Some(g) = k.group.as_deref().filter(|g| g.starts_with(CLASS_GROUP)) {
+                // A shared group: each lane goes back to its rule until the rules are known.
+                let stored: StoredGroup = rmp_serde::from_slice(bytes.as_ref()).map_err(|e| bad(e.into()))?;
+                let key = g[CLASS_GROUP.len()..].to_string();
+                let id = group_id(&key);
+                let ts = e.tenants.entry(k.tenant).or_default();
+                for lane in stored.lanes {
+                    let StoredLane(
+                        lane_rule,
+                        head_ms,
+                        buckets,
+                        distinct,
+                        recent,
+                        pending_since_ms,
+                        open,
+                        last_fired_ms,
+                    ) = lane;
+                    let window = window_from_stored(stored.seconds, &stored.idxs, &stored.dvals, buckets, &distinct);
+                    let open = match open {
+                        Some(Bin(b)) => Some(rmp_serde::from_slice(&b).map_err(|e| bad(e.into()))?),
+                        None => None,
+                    };
+                    let state = GroupState {
+                        key: key.clone(),
+                        id,
+                        values: stored.values.clone(),
+                        head_ms,
+                        window: Some(window),
+                        last_seen_ms: None,
+                        recent: recent.iter().filter_map(|&i| stored.ids.get(i as usize).cloned()).collect(),
+                        pending_since_ms,
+                        open,
+                        last_fired_ms,
+                        dirty: false,
+                        alert_dirty: false,
+                    };
+                    ts.rules.entry(lane_rule).or_default().groups.insert(id, Box::new(state));
+                }
+                ts.restored.push(k);
+                continue;
+            }
+            let rs = e.tenants.entry(k.tenant).or_default().rules.entry(k.rule).or_default();
             match k.group {
                 None => rs.meta = rmp_serde::from_slice(bytes.as_ref()).map_err(|e| bad(e.into()))?,
                 Some(g) if g.starts_with(PLUGIN_WINDOW) => {
@@ -395,7 +532,12 @@ impl Engine {
                     let mut gs: GroupState = rmp_serde::from_slice(bytes.as_ref()).map_err(|e| bad(e.into()))?;
                     gs.id = group_id(&g);
                     gs.key = g;
+                    // A window group stored per rule (before window classes existed).
+                    let legacy = gs.window.is_some().then(|| StateKey { group: Some(gs.key.clone()), ..k });
                     rs.groups.insert(gs.id, Box::new(gs));
+                    if let Some(key) = legacy {
+                        e.tenants.entry(key.tenant).or_default().restored.push(key);
+                    }
                 }
             }
         }
@@ -548,7 +690,7 @@ impl Engine {
     /// Removes all state of a tenant that has no rules left.
     fn drop_tenant(&mut self, tenant: TenantId) {
         let Some(mut ts) = self.tenants.remove(&tenant) else { return };
-        dissolve_classes(&mut ts);
+        dissolve_classes(tenant, &mut ts, &mut self.out);
         for (rule_id, rs) in ts.rules {
             drop_rule_state(tenant, rule_id, rs, self.clock_ms, &mut self.out);
         }
@@ -636,47 +778,50 @@ impl Engine {
             };
             // Encoded back to back into large buffers that the entries then share.
             let mut buf = bytes::BytesMut::with_capacity(CHECKPOINT_CHUNK);
+            let mut ids: FastMap<usize, u32> = FastMap::default();
             for key in out.state_dirty.drain(..) {
                 let Some(ts) = self.tenants.get_mut(&key.tenant) else { continue };
-                let TenantState { rules, classes, compiled, .. } = ts;
-                let lane_of =
-                    compiled.as_ref().and_then(|c| c.by_id.get(&key.rule).and_then(|&i| c.window_lane.get(i)));
-                let Some(rs) = rules.get_mut(&key.rule) else { continue };
                 if buf.capacity() < CHECKPOINT_CHUNK / 16 {
                     buf.reserve(CHECKPOINT_CHUNK);
                 }
                 let mut w = (&mut buf).writer();
-                let encoded = match &key.group {
-                    None => {
-                        rs.meta_dirty = false;
-                        rmp_serde::encode::write_named(&mut w, &rs.meta)
+                let encoded = match key.group.as_deref() {
+                    Some(g) if g.starts_with(CLASS_GROUP) => {
+                        let gid = group_id(&g[CLASS_GROUP.len()..]);
+                        let Some(cs) = ts.classes.iter_mut().find(|c| c.id == key.rule) else { continue };
+                        match cs.groups.get_mut(&gid) {
+                            Some(sg) if sg.dirty => sg.dirty = false,
+                            _ => continue,
+                        }
+                        let cs = &*cs;
+                        let Some(sg) = cs.groups.get(&gid) else { continue };
+                        ids.clear();
+                        let mut id_list: Vec<&Arc<str>> = Vec::with_capacity(EVENT_SAMPLE * 2);
+                        for l in &sg.lanes {
+                            for id in &l.recent {
+                                ids.entry(Arc::as_ptr(id) as *const u8 as usize).or_insert_with(|| {
+                                    id_list.push(id);
+                                    (id_list.len() - 1) as u32
+                                });
+                            }
+                        }
+                        let entry = GroupEntry { group: sg, class: cs, ids: &ids, id_list: &id_list };
+                        rmp_serde::encode::write(&mut w, &entry)
                     }
-                    Some(g) => {
-                        let gid = group_id(g);
-                        let lane = lane_of.copied().flatten().and_then(|(c, lane)| {
-                            let sg = classes.get_mut(c)?.groups.get_mut(&gid)?;
-                            sg.timeline.is_started(lane).then_some((sg, lane))
-                        });
-                        match (rs.groups.get_mut(&gid), lane) {
-                            (Some(gs), _) => {
-                                gs.dirty = false;
-                                rmp_serde::encode::write_named(&mut w, &**gs)
+                    group => {
+                        let Some(rs) = ts.rules.get_mut(&key.rule) else { continue };
+                        match group {
+                            None => {
+                                rs.meta_dirty = false;
+                                rmp_serde::encode::write_named(&mut w, &rs.meta)
                             }
-                            (None, Some((sg, lane))) => {
-                                let Some(l) = sg.lanes.get_mut(lane) else { continue };
-                                l.dirty = false;
-                                let entry = LaneEntry {
-                                    values: &sg.values,
-                                    head_ms: sg.timeline.head(lane),
-                                    window: sg.timeline.lane_window(lane),
-                                    recent: &l.recent,
-                                    pending_since_ms: l.pending_since_ms,
-                                    open: l.open.as_deref(),
-                                    last_fired_ms: l.last_fired_ms,
-                                };
-                                rmp_serde::encode::write_named(&mut w, &entry)
-                            }
-                            (None, None) => continue,
+                            Some(g) => match rs.groups.get_mut(&group_id(g)) {
+                                Some(gs) => {
+                                    gs.dirty = false;
+                                    rmp_serde::encode::write_named(&mut w, &**gs)
+                                }
+                                None => continue,
+                            },
                         }
                     }
                 };
@@ -828,13 +973,14 @@ fn sync_tenant(tenant: TenantId, ts: &mut TenantState, compiled: &Arc<TenantRule
     }
     // Window state stays in its classes when no window rule changed; otherwise it goes back to
     // its rules for the changes below and into the new classes after them.
-    let keep_classes = ts.classes.len() == compiled.window_classes.len()
+    let keep_classes = ts.restored.is_empty()
+        && ts.classes.len() == compiled.window_classes.len()
         && ts.classes.iter().zip(&compiled.window_classes).all(|(c, w)| c.same_layout(w))
         && compiled.window_classes.iter().flat_map(|w| &w.rule_ids).all(|id| {
             ts.rules.get(id).is_none_or(|rs| compiled.get(id).is_some_and(|r| r.rule.version == rs.meta.version))
         });
     if !keep_classes {
-        dissolve_classes(ts);
+        dissolve_classes(tenant, ts, out);
     }
     ts.compiled = Some(compiled.clone());
     ts.by_type.clear();
@@ -872,18 +1018,21 @@ fn sync_tenant(tenant: TenantId, ts: &mut TenantState, compiled: &Arc<TenantRule
     }
     if !keep_classes {
         ts.classes = compiled.window_classes.iter().map(ClassState::new).collect();
-        absorb_classes(ts, compiled);
+        absorb_classes(tenant, ts, compiled, out);
     }
 }
 
-/// Moves every window lane back to its rule as a group state of its own.
-fn dissolve_classes(ts: &mut TenantState) {
+/// Moves every window lane back to its rule as a group state of its own, and deletes the
+/// stored shared groups (the new classes write theirs).
+fn dissolve_classes(tenant: TenantId, ts: &mut TenantState, out: &mut Out) {
     for rs in ts.rules.values_mut() {
         rs.lanes = 0;
     }
+    out.deletes.append(&mut ts.restored);
     for cs in ts.classes.drain(..) {
         for (gid, g) in cs.groups {
-            let SharedGroup { key, values, timeline, lanes } = *g;
+            let SharedGroup { key, values, timeline, lanes, .. } = *g;
+            out.deletes.push(StateKey { tenant, rule: cs.id, group: Some(class_group_key(&key)) });
             for (lane, l) in lanes.into_iter().enumerate() {
                 let Some(rule) = cs.rule_ids.get(lane).filter(|_| timeline.is_started(lane)) else { continue };
                 let state = GroupState {
@@ -897,7 +1046,7 @@ fn dissolve_classes(ts: &mut TenantState) {
                     pending_since_ms: l.pending_since_ms,
                     open: l.open.map(|a| *a),
                     last_fired_ms: l.last_fired_ms,
-                    dirty: l.dirty,
+                    dirty: false,
                     alert_dirty: false,
                 };
                 ts.rules.entry(*rule).or_default().groups.insert(gid, Box::new(state));
@@ -907,8 +1056,8 @@ fn dissolve_classes(ts: &mut TenantState) {
 }
 
 /// Moves the group states of the compiled window rules (restored from a checkpoint, or
-/// dissolved by a rule change) into their window classes.
-fn absorb_classes(ts: &mut TenantState, compiled: &TenantRules) {
+/// dissolved by a rule change) into their window classes, to be written in that layout.
+fn absorb_classes(tenant: TenantId, ts: &mut TenantState, compiled: &TenantRules, out: &mut Out) {
     for (class, cs) in compiled.window_classes.iter().zip(ts.classes.iter_mut()) {
         for (lane, id) in class.rule_ids.iter().enumerate() {
             let Some(rs) = ts.rules.get_mut(id) else { continue };
@@ -929,9 +1078,9 @@ fn absorb_classes(ts: &mut TenantState, compiled: &TenantRules) {
                         pending_since_ms: g.pending_since_ms,
                         open: g.open.map(Box::new),
                         last_fired_ms: g.last_fired_ms,
-                        dirty: g.dirty,
                     };
                 }
+                mark_group_dirty(out, tenant, cs.id, sg);
                 rs.lanes += 1;
             }
         }
@@ -1155,7 +1304,7 @@ fn on_class_event(
             rs.lanes += 1;
             g.timeline.start(lane, t);
         }
-        on_lane_event(ctx, rule, g, lane, fields, id, t, out);
+        on_lane_event(ctx, rule, (cs.id, g), lane, fields, id, t, out);
     }
     if g.timeline.is_idle() {
         cs.groups.remove(&gid);
@@ -1166,7 +1315,7 @@ fn on_class_event(
 fn on_lane_event(
     ctx: &Ctx<'_>,
     rule: &CompiledRule,
-    g: &mut SharedGroup,
+    (class_id, g): (Uuid, &mut SharedGroup),
     lane: usize,
     fields: &mut Fields<'_>,
     id: &Arc<str>,
@@ -1201,14 +1350,22 @@ fn on_lane_event(
     let Some(l) = g.lanes.get_mut(lane) else { return };
     push_recent(&mut l.recent, id);
     evaluate_lane(ctx, rule, g, lane, out);
-    mark_lane_dirty(out, ctx.tenant, rule.id(), g, lane);
+    mark_group_dirty(out, ctx.tenant, class_id, g);
 }
 
-fn mark_lane_dirty(out: &mut Out, tenant: TenantId, rule: Uuid, g: &mut SharedGroup, lane: usize) {
-    if let Some(l) = g.lanes.get_mut(lane).filter(|l| !l.dirty) {
-        l.dirty = true;
-        out.state_dirty.push(StateKey { tenant, rule, group: Some(g.key.clone()) });
+fn mark_group_dirty(out: &mut Out, tenant: TenantId, class: Uuid, g: &mut SharedGroup) {
+    if !g.dirty {
+        g.dirty = true;
+        out.state_dirty.push(StateKey { tenant, rule: class, group: Some(class_group_key(&g.key)) });
     }
+}
+
+/// The stored key of a window class's group.
+fn class_group_key(key: &str) -> String {
+    let mut k = String::with_capacity(CLASS_GROUP.len() + key.len());
+    k.push_str(CLASS_GROUP);
+    k.push_str(key);
+    k
 }
 
 /// Fires or resolves a window rule's alert in one group, from its lane's value at the lane's
@@ -1371,6 +1528,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
         }
     }
     for (class, cs) in ctx.compiled.window_classes.iter().zip(ts.classes.iter_mut()) {
+        let class_id = cs.id;
         cs.groups.retain(|_, g| {
             for (lane, &i) in class.rules.iter().enumerate() {
                 let Some(rule) = ctx.compiled.rules.get(i) else { continue };
@@ -1380,7 +1538,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                 if g.timeline.head(lane) < watermark {
                     g.timeline.advance(lane, watermark);
                     evaluate_lane(ctx, rule, g, lane, out);
-                    mark_lane_dirty(out, ctx.tenant, rule.id(), g, lane);
+                    mark_group_dirty(out, ctx.tenant, class_id, g);
                 }
                 let head = g.timeline.head(lane);
                 let Some(l) = g.lanes.get_mut(lane) else { continue };
@@ -1394,10 +1552,14 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                     if let Some(rs) = ts.rules.get_mut(&rule.id()) {
                         rs.lanes = rs.lanes.saturating_sub(1);
                     }
-                    out.deletes.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: Some(g.key.clone()) });
+                    mark_group_dirty(out, ctx.tenant, class_id, g);
                 }
             }
-            !g.timeline.is_idle()
+            let idle = g.timeline.is_idle();
+            if idle {
+                out.deletes.push(StateKey { tenant: ctx.tenant, rule: class_id, group: Some(class_group_key(&g.key)) });
+            }
+            !idle
         });
     }
 }
@@ -1767,5 +1929,74 @@ mod tests {
             let id = Uuid::from_u128(100 + i as u128);
             same(&of_rule(&changed, id), &of_rule(&together, id), &format!("rule {i} across rule changes"));
         }
+    }
+    /// Window state checkpointed per rule and group (before window classes) restores, carries
+    /// on, and is rewritten as one shared-group entry that replaces the old ones.
+    #[test]
+    fn window_state_stored_per_rule_moves_to_shared_groups() {
+        let set = rules(&[count_rule(3.0, "gte"), count_rule(100.0, "gte")]);
+        let rule = Uuid::from_u128(100);
+        let mut window = Window::new(10);
+        window.insert(S, 0, None, None);
+        window.insert(S, S, None, None);
+        let legacy = GroupState {
+            key: String::new(),
+            id: 0,
+            values: vec![json!("c")],
+            head_ms: S,
+            window: Some(window),
+            last_seen_ms: None,
+            recent: ["e0", "e1"].into_iter().map(Arc::from).collect(),
+            pending_since_ms: None,
+            open: None,
+            last_fired_ms: None,
+            dirty: false,
+            alert_dirty: false,
+        };
+        // Group keys are the group-by values as JSON, each ended by U+001F.
+        let key = format!("{}\u{1f}", json!("c"));
+        let old_key = StateKey { tenant: tenant(), rule, group: Some(key.clone()) };
+        let meta =
+            RuleMeta { version: 1, shape: set.tenants[&tenant()].rules[0].shape, dropped_groups: 0, since_ms: 0 };
+        let mut stored: std::collections::BTreeMap<StateKey, Vec<u8>> = [
+            (old_key.clone(), rmp_serde::to_vec_named(&legacy).unwrap()),
+            (StateKey { tenant: tenant(), rule, group: None }, rmp_serde::to_vec_named(&meta).unwrap()),
+        ]
+        .into_iter()
+        .collect();
+        let meta = EngineMeta { effects_seq: 2, state_seq: 2, clock_ms: S };
+        let mut e = Engine::restore(0, cfg(), meta, stored.clone()).unwrap();
+        let ev = event("e2", 2 * S, json!({"card": "c"}));
+        let alerts = run(&mut e, &set, vec![Input::Event { seq: 3, record: &ev }]);
+        assert_eq!(alerts.len(), 1, "the restored window counts on");
+        assert_eq!((alerts[0].value, alerts[0].event_ids.clone()), (3.0, vec!["e0".into(), "e1".into(), "e2".into()]));
+        let effects = e.take_effects(true);
+        let cp = effects.checkpoint.unwrap();
+        assert!(cp.deletes.contains(&old_key), "the per-rule entry is deleted");
+        let shared: Vec<&StateKey> = cp
+            .puts
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.group.as_deref().is_some_and(|g| g.starts_with(CLASS_GROUP)))
+            .collect();
+        assert_eq!(shared.len(), 1, "one entry for the group, whatever the number of rules: {:?}", cp.puts);
+        for k in &cp.deletes {
+            stored.remove(k);
+        }
+        stored.extend(cp.puts.into_iter().map(|(k, b)| (k, b.to_vec())));
+        assert!(!stored.contains_key(&old_key));
+        // Restored from the new entry: the open alert stays open (no second firing), and the
+        // group exists once.
+        let mut again = Engine::restore(0, cfg(), effects.meta, stored).unwrap();
+        let ev = event("e3", 3 * S, json!({"card": "c"}));
+        assert!(run(&mut again, &set, vec![Input::Event { seq: 4, record: &ev }]).is_empty());
+        let stats: Vec<RuleStats> = again.stats().into_iter().filter(|s| s.1 == rule).map(|s| s.2).collect();
+        assert_eq!(stats, [RuleStats { groups: 1, dropped_groups: 0, firing: 1 }]);
+        // It resolves once the window has emptied.
+        let resolved = run(&mut again, &set, vec![Input::Tick { seq: 5, at_ms: 30 * S }]);
+        assert_eq!(
+            resolved.iter().map(|a| (a.id, a.state)).collect::<Vec<_>>(),
+            [(alerts[0].id, AlertState::Resolved)]
+        );
     }
 }

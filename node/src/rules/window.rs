@@ -67,7 +67,7 @@ pub fn bucket_width_ms(seconds: u64) -> i64 {
 /// distinct value (count windows), else `[idx, count, numeric, sum, min, max]` and then the
 /// distinct values if any. Checkpoints from before wrote maps with field names; both decode.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-struct Bucket {
+pub struct Bucket {
     idx: i64,
     count: u64,
     /// Events in the bucket that carried a numeric value.
@@ -658,7 +658,8 @@ impl Timeline {
         }
     }
 
-    /// A lane's window as a [`Window`] of its own (what checkpoints hold).
+    /// A lane's window as a [`Window`] of its own, for [`Timeline::import`] (its buckets do
+    /// not list their distinct values; the distinct map has them).
     pub fn export(&self, lane: usize) -> Window {
         let mut w = Window::new_with(self.width_ms, self.span);
         let Some(t) = self.totals.get(lane).filter(|t| t.started) else { return w };
@@ -678,28 +679,17 @@ impl Timeline {
             if acc.count == 0 {
                 continue;
             }
-            let idx = self.idxs[b];
-            let values = match (dslot, self.dvals.get(b)) {
-                (Some(_), Some(vals)) => vals.iter().copied().filter(|v| w.distinct.get(v) == Some(&idx)).collect(),
-                _ => Vec::new(),
-            };
             w.buckets.push_back(Bucket {
-                idx,
+                idx: self.idxs[b],
                 count: u64::from(acc.count),
                 numeric: u64::from(acc.numeric),
                 sum: acc.sum,
                 min: acc.min,
                 max: acc.max,
-                values,
+                values: Vec::new(),
             });
         }
         w
-    }
-
-    /// A lane's window serialized exactly as the [`Window`] [`Timeline::export`] builds,
-    /// straight from the timeline.
-    pub fn lane_window(&self, lane: usize) -> LaneWindow<'_> {
-        LaneWindow { tl: self, lane }
     }
 
     /// Starts a lane from a [`Window`] of its own whose head was `head_ms` (a restored
@@ -747,99 +737,104 @@ impl Timeline {
     }
 }
 
-/// See [`Timeline::lane_window`].
-pub struct LaneWindow<'a> {
-    tl: &'a Timeline,
-    lane: usize,
-}
-
-impl LaneWindow<'_> {
-    fn dslot(&self) -> Option<usize> {
-        self.tl.dslots.get(self.lane).copied().flatten().map(|d| d as usize)
+/// Checkpoint parts of a timeline: a shared group's entry holds the bucket indexes and the
+/// distinct values once, and each lane refers to them by position.
+impl Timeline {
+    /// The bucket indexes, ascending.
+    pub fn stored_idxs(&self) -> &VecDeque<i64> {
+        &self.idxs
     }
 
-    /// The newest bucket of `value` in this lane's window, if it is in it.
-    fn newest(&self, value: u64) -> Option<i64> {
-        let d = self.dslot()?;
-        let r = *self.tl.distinct.get(&value)?;
-        Some(self.tl.rows[r as usize * self.tl.dlanes + d]).filter(|&c| c != i64::MIN)
+    /// The distinct values (hashes), in an order [`Timeline::stored_distinct`] follows.
+    pub fn stored_values(&self) -> impl Serialize + '_ {
+        StoredValues(self)
     }
 
-    /// The distinct values (with their newest bucket) in this lane's window.
-    fn distinct(&self) -> impl Iterator<Item = (u64, i64)> + Clone + '_ {
-        let d = self.dslot();
-        let (rows, n) = (&self.tl.rows, self.tl.dlanes);
-        self.tl.distinct.iter().filter_map(move |(&v, &r)| {
-            let cell = rows[r as usize * n + d?];
-            (cell != i64::MIN).then_some((v, cell))
-        })
+    /// A lane's non-empty buckets as `[position, count]` or
+    /// `[position, count, numeric, sum, min, max]`.
+    pub fn stored_buckets(&self, lane: usize) -> impl Serialize + '_ {
+        StoredBuckets(self, lane)
+    }
+
+    /// Per stored value, the position of the bucket of its newest sighting in the lane's window
+    /// (nil when it is not in it); empty for a lane that does not count distinct values.
+    pub fn stored_distinct(&self, lane: usize) -> impl Serialize + '_ {
+        StoredDistinct(self, lane)
     }
 }
 
-struct Buckets<'a>(&'a LaneWindow<'a>);
+/// Rebuilds one lane's window from a stored shared group (see the `stored_*` methods of
+/// [`Timeline`]); bucket positions out of range are dropped.
+pub fn window_from_stored(
+    seconds: u64,
+    idxs: &[i64],
+    values: &[u64],
+    buckets: Vec<Bucket>,
+    distinct: &[Option<u32>],
+) -> Window {
+    let mut w = Window::new(seconds);
+    for mut b in buckets {
+        let Some(&idx) = usize::try_from(b.idx).ok().and_then(|p| idxs.get(p)) else { continue };
+        b.idx = idx;
+        b.values.clear();
+        w.count += b.count;
+        w.buckets.push_back(b);
+    }
+    for (v, pos) in values.iter().zip(distinct) {
+        if let Some(&idx) = pos.and_then(|p| idxs.get(p as usize)) {
+            w.distinct.insert(*v, idx);
+        }
+    }
+    w.recompute();
+    w
+}
 
-impl Serialize for Buckets<'_> {
+struct StoredValues<'a>(&'a Timeline);
+
+impl Serialize for StoredValues<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.distinct.keys())
+    }
+}
+
+struct StoredBuckets<'a>(&'a Timeline, usize);
+
+impl Serialize for StoredBuckets<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        let (w, tl) = (self.0, self.0.tl);
-        let Some(t) = tl.totals.get(w.lane).filter(|t| t.started) else { return s.serialize_seq(Some(0))?.end() };
-        let (from, to) = (tl.position(tl.first_idx(t.head_ms)), tl.position(tl.idx(t.head_ms) + 1));
-        let acc = |b: usize| &tl.accs[b * tl.lanes + w.lane];
-        let mut seq = s.serialize_seq(Some((from..to).filter(|&b| acc(b).count > 0).count()))?;
-        for b in (from..to).filter(|&b| acc(b).count > 0) {
-            let (idx, a) = (tl.idxs[b], acc(b));
-            let values = tl.dvals.get(b).filter(|_| w.dslot().is_some()).map_or(&[][..], |v| v.as_slice());
-            let mine = values.iter().copied().filter(move |&v| w.newest(v) == Some(idx));
-            let n = mine.clone().count();
+        let (tl, lane) = (self.0, self.1);
+        let acc = |b: usize| &tl.accs[b * tl.lanes + lane];
+        let used = (0..tl.idxs.len()).filter(|&b| lane < tl.lanes && acc(b).count > 0);
+        let mut seq = s.serialize_seq(Some(used.clone().count()))?;
+        for b in used {
+            let a = acc(b);
             let totals = (u64::from(a.count), u64::from(a.numeric), a.sum, a.min, a.max);
-            seq.serialize_element(&BucketOut(idx, totals, Values(mine, n)))?;
+            seq.serialize_element(&BucketOut(b as i64, totals))?;
         }
         seq.end()
     }
 }
 
-struct BucketOut<I>(i64, (u64, u64, f64, f64, f64), Values<I>);
+/// A lane's bucket, with its position for index. Its distinct values are left out: the
+/// stored distinct positions say which bucket each value leaves with.
+struct BucketOut(i64, (u64, u64, f64, f64, f64));
 
-impl<I: Iterator<Item = u64> + Clone> Serialize for BucketOut<I> {
+impl Serialize for BucketOut {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        serialize_bucket(s, self.0, self.1, Values(self.2 .0.clone(), self.2 .1))
+        serialize_bucket(s, self.0, self.1, Values(std::iter::empty(), 0))
     }
 }
 
-struct DistinctOut<'a>(&'a LaneWindow<'a>, usize);
+struct StoredDistinct<'a>(&'a Timeline, usize);
 
-impl Serialize for DistinctOut<'_> {
+impl Serialize for StoredDistinct<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.1))?;
-        for (v, newest) in self.0.distinct() {
-            m.serialize_entry(&v, &newest)?;
-        }
-        m.end()
-    }
-}
-
-impl Serialize for LaneWindow<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let tl = self.tl;
-        let t = tl.totals.get(self.lane).filter(|t| t.started).copied().unwrap_or(IDLE_LANE);
-        let distinct = self.distinct().count();
-        let mut st = s.serialize_struct("Window", if distinct > 0 { 9 } else { 8 })?;
-        st.serialize_field("width_ms", &tl.width_ms)?;
-        st.serialize_field("span", &tl.span)?;
-        st.serialize_field("buckets", &Buckets(self))?;
-        st.serialize_field("count", &t.count)?;
-        st.serialize_field("numeric", &t.numeric)?;
-        st.serialize_field("sum", &t.sum)?;
-        st.serialize_field("min", &t.min)?;
-        st.serialize_field("max", &t.max)?;
-        if distinct > 0 {
-            st.serialize_field("distinct", &DistinctOut(self, distinct))?;
-        } else {
-            st.skip_field("distinct")?;
-        }
-        st.end()
+        let tl = self.0;
+        let Some(d) = tl.dslots.get(self.1).copied().flatten() else { return s.collect_seq(std::iter::empty::<u32>()) };
+        s.collect_seq(tl.distinct.values().map(|&r| {
+            let cell = tl.rows[r as usize * tl.dlanes + d as usize];
+            (cell != i64::MIN).then(|| tl.position(cell) as u32)
+        }))
     }
 }
 
@@ -1107,7 +1102,7 @@ mod tests {
     }
 
     #[test]
-    fn an_exported_lane_checkpoints_like_a_window_of_its_own() {
+    fn a_stored_lane_rebuilds_its_window() {
         let dslots: std::sync::Arc<[Option<u32>]> = vec![Some(0), None].into();
         let mut tl = Timeline::new(60, dslots);
         let mut w = Window::new(60);
@@ -1122,19 +1117,27 @@ mod tests {
             tl.insert(0, t * S, Some(t as f64), d);
             tl.insert(1, t * S, None, None);
         }
-        let bytes = rmp_serde::to_vec_named(&tl.export(0)).unwrap();
+        // Stored as a shared group's entry stores it, and rebuilt.
+        let stored = |lane: usize| {
+            let parts = (tl.stored_idxs(), tl.stored_values(), tl.stored_buckets(lane), tl.stored_distinct(lane));
+            type Parts = (Vec<i64>, Vec<u64>, Vec<Bucket>, Vec<Option<u32>>);
+            let (idxs, values, buckets, distinct): Parts =
+                rmp_serde::from_slice(&rmp_serde::to_vec(&parts).unwrap()).unwrap();
+            window_from_stored(60, &idxs, &values, buckets, &distinct)
+        };
         for lane in 0..2 {
-            let view = rmp_serde::to_vec_named(&tl.lane_window(lane)).unwrap();
-            let exported: Window = rmp_serde::from_slice(&rmp_serde::to_vec_named(&tl.export(lane)).unwrap()).unwrap();
-            assert_eq!(rmp_serde::from_slice::<Window>(&view).unwrap(), exported, "lane {lane}");
+            assert_eq!(stored(lane), tl.export(lane), "lane {lane}");
         }
-        let mut back: Window = rmp_serde::from_slice(&bytes).unwrap();
-        for a in [Aggregate::Count, Aggregate::Sum, Aggregate::Min, Aggregate::Max, Aggregate::Distinct] {
-            assert_eq!(back.value(a), w.value(a), "{a:?}");
+        let back = stored(0);
+        // Restored into a timeline, the lane goes on as the window it was.
+        let mut restored = Timeline::new(60, vec![Some(0)].into());
+        restored.import(0, 89 * S, &back);
+        for t in [95, 100, 120, 148, 150] {
+            restored.advance(0, t * S);
+            w.advance(t * S);
+            for a in [Aggregate::Count, Aggregate::Sum, Aggregate::Min, Aggregate::Distinct] {
+                assert_eq!(restored.value(0, a), w.value(a), "{a:?} at {t} s");
+            }
         }
-        back.advance(100 * S);
-        w.advance(100 * S);
-        assert_eq!(back.value(Aggregate::Distinct), w.value(Aggregate::Distinct));
-        assert_eq!(back.value(Aggregate::Min), w.value(Aggregate::Min));
     }
 }
