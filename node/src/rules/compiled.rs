@@ -195,6 +195,8 @@ pub struct TenantRules {
     pub window_classes: Vec<WindowClass>,
     /// Slots of the field paths the tenant's rules read, in per-event `Fields` caches.
     field_slots: HashMap<String, usize>,
+    /// Slots of the conditions of the tenant's rules (by identity), in the same caches.
+    condition_slots: HashMap<String, usize>,
     pub silences: Vec<Silence>,
 }
 
@@ -238,6 +240,11 @@ impl TenantRules {
         };
         if let Some(f) = rule.filter.as_mut() {
             f.for_each_path_mut(&mut intern);
+            let conditions = &mut self.condition_slots;
+            f.set_condition_slots(&mut |identity| {
+                let next = conditions.len();
+                *conditions.entry(identity.to_string()).or_insert(next)
+            });
         }
         rule.group_by.iter_mut().for_each(&mut intern);
         if let RuleKind::Window { field: Some(p), .. } = &mut rule.kind {

@@ -278,8 +278,8 @@ struct Lane {
 /// (hashes). Each started lane is
 /// `[rule, head_ms, buckets, distinct, recent, pending_since_ms, open, last_fired_ms]`:
 /// `buckets` its non-empty buckets by position in `idxs`, `distinct` per value of `dvals` the
-/// position of its newest sighting (or nil), `recent` positions in `ids`, and `open` the open
-/// alert's named MessagePack encoding.
+/// age in buckets of its newest sighting before the lane's head bucket (or nil), `recent`
+/// positions in `ids`, and `open` the open alert's named MessagePack encoding.
 struct GroupEntry<'a> {
     group: &'a SharedGroup,
     class: &'a ClassState,
@@ -414,8 +414,10 @@ pub struct Engine {
     /// tenant (`TenantRules::group_class`), built on first use.
     group_keys: Vec<(String, GroupId)>,
     group_key_ready: Vec<bool>,
-    /// Window rules the event being processed matched: (class, lane, rule index).
-    window_hits: Vec<(usize, usize, usize)>,
+    /// Window rules the event being processed matched, per window class: (lane, rule index);
+    /// and the classes with any, in order.
+    class_hits: Vec<Vec<(usize, usize)>>,
+    classes_hit: Vec<usize>,
     /// Events processed since the last checkpoint.
     since_checkpoint: u64,
     plugins: Option<EnginePlugins>,
@@ -442,7 +444,8 @@ impl Engine {
             out: Out::default(),
             group_keys: Vec::new(),
             group_key_ready: Vec::new(),
-            window_hits: Vec::new(),
+            class_hits: Vec::new(),
+            classes_hit: Vec::new(),
             since_checkpoint: 0,
             plugins: None,
         }
@@ -492,7 +495,8 @@ impl Engine {
                         open,
                         last_fired_ms,
                     ) = lane;
-                    let window = window_from_stored(stored.seconds, &stored.idxs, &stored.dvals, buckets, &distinct);
+                    let window =
+                        window_from_stored(stored.seconds, head_ms, &stored.idxs, &stored.dvals, buckets, &distinct);
                     let open = match open {
                         Some(Bin(b)) => Some(rmp_serde::from_slice(&b).map_err(|e| bad(e.into()))?),
                         None => None,
@@ -618,14 +622,26 @@ impl Engine {
         if self.group_keys.len() < compiled.group_classes {
             self.group_keys.resize(compiled.group_classes, (String::new(), 0));
         }
-        self.window_hits.clear();
+        for c in self.classes_hit.drain(..) {
+            if let Some(h) = self.class_hits.get_mut(c) {
+                h.clear();
+            }
+        }
+        if self.class_hits.len() < compiled.window_classes.len() {
+            self.class_hits.resize_with(compiled.window_classes.len(), Vec::new);
+        }
         for &i in index.rules.iter() {
             let Some(rule) = compiled.rules.get(i) else { continue };
             if rule.filter.as_ref().is_some_and(|f| !f.matches_fields(&mut fields)) {
                 continue;
             }
             if let Some(&Some((class, lane))) = compiled.window_lane.get(i) {
-                self.window_hits.push((class, lane, i));
+                if let Some(hits) = self.class_hits.get_mut(class) {
+                    if hits.is_empty() {
+                        self.classes_hit.push(class);
+                    }
+                    hits.push((lane, i));
+                }
                 continue;
             }
             let decision = match &rule.kind {
@@ -651,12 +667,9 @@ impl Engine {
         }
         // Window rules, one class (one group lookup, one timeline) at a time; within a class
         // the hits are in lane order.
-        self.window_hits.sort_by_key(|h| h.0);
-        let mut hits = self.window_hits.as_slice();
-        while let Some(&(class, _, first)) = hits.first() {
-            let n = hits.iter().take_while(|h| h.0 == class).count();
-            let (run, rest) = hits.split_at(n);
-            hits = rest;
+        for &class in &self.classes_hit {
+            let Some(run) = self.class_hits.get(class) else { continue };
+            let Some(&(_, first)) = run.first() else { continue };
             let Some(rule) = compiled.rules.get(first) else { continue };
             let gc = compiled.group_class.get(first).copied().unwrap_or_default();
             let (Some(key), Some(ready)) = (self.group_keys.get_mut(gc), self.group_key_ready.get_mut(gc)) else {
@@ -1266,14 +1279,14 @@ fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, ou
     }
 }
 
-/// Events of one window class that matched an event: `run` holds (class, lane, rule index)
-/// of the matching rules, in lane order.
+/// An event for the rules of one window class it matched: `run` holds (lane, rule index) of
+/// the matching rules, in lane order.
 #[allow(clippy::too_many_arguments)]
 fn on_class_event(
     ctx: &Ctx<'_>,
     ts: &mut TenantState,
     class: usize,
-    run: &[(usize, usize, usize)],
+    run: &[(usize, usize)],
     fields: &mut Fields<'_>,
     id: &Arc<str>,
     t: i64,
@@ -1281,14 +1294,13 @@ fn on_class_event(
     out: &mut Out,
 ) {
     let Some(cs) = ts.classes.get_mut(class) else { return };
-    if !cs.groups.contains_key(&gid) {
-        let Some(first) = run.first().and_then(|h| ctx.compiled.rules.get(h.2)) else { return };
+    let Some(first) = run.first().and_then(|h| ctx.compiled.rules.get(h.1)) else { return };
+    let (seconds, dslots) = (cs.seconds, &cs.dslots);
+    let g = cs.groups.entry(gid).or_insert_with(|| {
         let values = first.group_by.iter().map(|p| fields.get(p).map_or(Value::Null, |v| v.to_json())).collect();
-        let group = SharedGroup::new(key.to_string(), values, cs.seconds, &cs.dslots);
-        cs.groups.insert(gid, Box::new(group));
-    }
-    let Some(g) = cs.groups.get_mut(&gid) else { return };
-    for &(_, lane, i) in run {
+        Box::new(SharedGroup::new(key.to_string(), values, seconds, dslots))
+    });
+    for &(lane, i) in run {
         let Some(rule) = ctx.compiled.rules.get(i) else { continue };
         if !g.timeline.is_started(lane) {
             let rs = rule_state(&mut ts.rules, rule, ctx.clock_ms, out, ctx.tenant);
@@ -1332,14 +1344,7 @@ fn on_lane_event(
         g.timeline.advance(lane, t);
     }
     let (value, distinct) = match spec.aggregate {
-        super::spec::Aggregate::Distinct => {
-            let hash = field.as_ref().and_then(|f| fields.get(f)).map(|v| {
-                let mut s = String::new();
-                v.write_key(&mut s);
-                distinct_hash(&s)
-            });
-            (None, hash)
-        }
+        super::spec::Aggregate::Distinct => (None, field.as_ref().and_then(|f| fields.key_hash(f, distinct_hash))),
         super::spec::Aggregate::Count => (None, None),
         _ => (field.as_ref().and_then(|f| fields.get(f)).and_then(|v| v.as_f64()), None),
     };

@@ -70,15 +70,58 @@ impl Eq for FieldPath {}
 /// that are resolved on every use.
 pub const FIELD_SLOTS: usize = 32;
 
-/// One event's field values, each resolved at most once however many rules read it.
+/// How many distinct conditions of one tenant's rules a [`Fields`] cache remembers the
+/// outcome of; conditions past that are evaluated on every use.
+pub const CONDITION_SLOTS: usize = 64;
+
+/// One event's field values, each resolved at most once however many rules read it, and the
+/// outcomes of the conditions evaluated on it, each evaluated at most once however many rules
+/// share it.
 pub struct Fields<'a> {
     ev: &'a EventRecord,
     cache: [Option<Option<FieldValue<'a>>>; FIELD_SLOTS],
+    /// Bit `i`: condition slot `i` was evaluated; and its outcome.
+    known: u64,
+    outcome: u64,
+    /// Bit `i`: `hashes[i]` holds the key hash of field slot `i`'s value.
+    hashed: u32,
+    hashes: [Option<u64>; FIELD_SLOTS],
+    /// Scratch text for key hashes.
+    text: String,
 }
 
 impl<'a> Fields<'a> {
     pub fn new(ev: &'a EventRecord) -> Fields<'a> {
-        Fields { ev, cache: [None; FIELD_SLOTS] }
+        Fields {
+            ev,
+            cache: [None; FIELD_SLOTS],
+            known: 0,
+            outcome: 0,
+            hashed: 0,
+            hashes: [None; FIELD_SLOTS],
+            text: String::new(),
+        }
+    }
+
+    /// The hash of the value of `path`'s canonical text ([`FieldValue::write_key`]) by
+    /// `hash`, computed once per slot and event; `None` when the event has no such field.
+    /// Every caller must pass the same `hash` function.
+    pub fn key_hash(&mut self, path: &FieldPath, hash: fn(&str) -> u64) -> Option<u64> {
+        let slot = usize::from(path.slot);
+        let bit = if slot < FIELD_SLOTS { 1u32 << slot } else { 0 };
+        if self.hashed & bit != 0 {
+            return self.hashes[slot];
+        }
+        let h = self.get(path).map(|v| {
+            self.text.clear();
+            v.write_key(&mut self.text);
+            hash(&self.text)
+        });
+        if bit != 0 {
+            self.hashed |= bit;
+            self.hashes[slot] = h;
+        }
+        h
     }
 
     pub fn event(&self) -> &'a EventRecord {
@@ -397,6 +440,29 @@ impl Test {
 struct Cond {
     path: FieldPath,
     test: Test,
+    /// The condition as written (field, operator and operand): conditions with the same
+    /// identity share an outcome slot.
+    identity: Box<str>,
+    /// Its slot in per-event [`Fields`] outcome caches (`u8::MAX`: none).
+    slot: u8,
+}
+
+impl Cond {
+    fn eval(&self, fields: &mut Fields<'_>) -> bool {
+        let bit = if usize::from(self.slot) < CONDITION_SLOTS { 1u64 << self.slot } else { 0 };
+        if fields.known & bit != 0 {
+            return fields.outcome & bit != 0;
+        }
+        let outcome = match fields.get(&self.path) {
+            Some(f) => self.test.eval(f),
+            None => self.test.on_missing(),
+        };
+        fields.known |= bit;
+        if outcome {
+            fields.outcome |= bit;
+        }
+        outcome
+    }
 }
 
 #[derive(Debug)]
@@ -413,10 +479,15 @@ impl Node {
             Node::All(c) => c.iter().all(|n| n.eval(fields)),
             Node::Any(c) => c.iter().any(|n| n.eval(fields)),
             Node::Not(n) => !n.eval(fields),
-            Node::Cond(c) => match fields.get(&c.path) {
-                Some(f) => c.test.eval(f),
-                None => c.test.on_missing(),
-            },
+            Node::Cond(c) => c.eval(fields),
+        }
+    }
+
+    fn for_each_cond_mut(&mut self, f: &mut dyn FnMut(&mut Cond)) {
+        match self {
+            Node::All(c) | Node::Any(c) => c.iter_mut().for_each(|n| n.for_each_cond_mut(f)),
+            Node::Not(n) => n.for_each_cond_mut(f),
+            Node::Cond(c) => f(c),
         }
     }
 
@@ -455,6 +526,17 @@ impl CompiledFilter {
     /// Visits every field path the filter reads.
     pub fn for_each_path_mut(&mut self, f: &mut dyn FnMut(&mut FieldPath)) {
         self.root.for_each_path_mut(f)
+    }
+
+    /// Gives each condition an outcome slot in per-event [`Fields`] caches: `slot_of` maps a
+    /// condition's identity (field, operator and operand as written) to its slot, and must
+    /// give conditions the same slot only when their identities are equal. Slots past
+    /// [`CONDITION_SLOTS`] are ignored.
+    pub fn set_condition_slots(&mut self, slot_of: &mut dyn FnMut(&str) -> usize) {
+        self.root.for_each_cond_mut(&mut |c| {
+            let slot = slot_of(&c.identity);
+            c.slot = if slot < CONDITION_SLOTS { slot as u8 } else { u8::MAX };
+        })
     }
 }
 
@@ -507,7 +589,9 @@ fn compile_node(f: &Filter, path: &str) -> Result<Node, FieldError> {
                 }
                 (Op::Regex, Some(_)) => return Err(value_err("must be a string (a regular expression)")),
             };
-            Node::Cond(Cond { path: field, test })
+            let operand = value.map_or_else(String::new, |v| v.to_string());
+            let identity = format!("{}\u{1f}{:?}\u{1f}{operand}", c.field, c.op).into();
+            Node::Cond(Cond { path: field, test, identity, slot: u8::MAX })
         }
     })
 }
@@ -592,10 +676,15 @@ mod tests {
 
     /// Each case alone, and all of them through one shared per-event cache (as the engine
     /// evaluates a tenant's rules), with slots given per distinct path text.
+    /// Each case alone, and all of them twice through one shared per-event cache (as the
+    /// engine evaluates a tenant's rules), with slots given per distinct path text and per
+    /// distinct condition: the second time, every condition's outcome comes from the cache.
     fn check(cases: &[(Value, bool)]) {
         let ev = sample();
         let mut slots = std::collections::HashMap::new();
+        let mut conditions = std::collections::HashMap::new();
         let mut fields = Fields::new(&ev);
+        let mut filters = Vec::new();
         for (f, want) in cases {
             let mut filter = compile(f.clone());
             assert_eq!(filter.matches(&ev), *want, "{f}");
@@ -603,7 +692,15 @@ mod tests {
                 let next = slots.len();
                 p.set_slot(*slots.entry(p.as_str().to_string()).or_insert(next));
             });
+            filter.set_condition_slots(&mut |identity| {
+                let next = conditions.len();
+                *conditions.entry(identity.to_string()).or_insert(next)
+            });
             assert_eq!(filter.matches_fields(&mut fields), *want, "{f} through the cache");
+            filters.push(filter);
+        }
+        for ((f, want), filter) in cases.iter().zip(&filters) {
+            assert_eq!(filter.matches_fields(&mut fields), *want, "{f} from remembered outcomes");
         }
     }
 

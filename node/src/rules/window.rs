@@ -353,6 +353,8 @@ pub struct Timeline {
     distinct: foldhash::HashMap<u64, u32>,
     rows: Vec<i64>,
     free_rows: Vec<u32>,
+    /// The value last looked up and its row (the lanes of an event look up the same value).
+    row_hint: Option<(u64, u32)>,
     totals: Vec<Totals>,
 }
 
@@ -413,6 +415,7 @@ impl Timeline {
             distinct: foldhash::HashMap::default(),
             rows: Vec::new(),
             free_rows: Vec::new(),
+            row_hint: None,
             totals: vec![IDLE_LANE; dslots.len()],
         }
     }
@@ -552,6 +555,7 @@ impl Timeline {
                     if row.iter().all(|&c| c == i64::MIN) {
                         self.distinct.remove(&v);
                         self.free_rows.push(r);
+                        self.row_hint = None;
                     }
                 }
             }
@@ -585,7 +589,11 @@ impl Timeline {
 
     /// The row of a distinct value, created (in no lane's window) when missing.
     fn row(&mut self, value: u64) -> usize {
+        if let Some((_, r)) = self.row_hint.filter(|h| h.0 == value) {
+            return r as usize;
+        }
         if let Some(&r) = self.distinct.get(&value) {
+            self.row_hint = Some((value, r));
             return r as usize;
         }
         let r = match self.free_rows.pop() {
@@ -597,6 +605,7 @@ impl Timeline {
         };
         self.rows[r as usize * self.dlanes..][..self.dlanes].fill(i64::MIN);
         self.distinct.insert(value, r);
+        self.row_hint = Some((value, r));
         r as usize
     }
 
@@ -756,23 +765,26 @@ impl Timeline {
         StoredBuckets(self, lane)
     }
 
-    /// Per stored value, the position of the bucket of its newest sighting in the lane's window
-    /// (nil when it is not in it); empty for a lane that does not count distinct values.
+    /// Per stored value, the age of its newest sighting in the lane's window, in buckets
+    /// before the lane's head bucket (nil when it is not in the window); empty for a lane that
+    /// does not count distinct values.
     pub fn stored_distinct(&self, lane: usize) -> impl Serialize + '_ {
         StoredDistinct(self, lane)
     }
 }
 
-/// Rebuilds one lane's window from a stored shared group (see the `stored_*` methods of
-/// [`Timeline`]); bucket positions out of range are dropped.
+/// Rebuilds the window of a lane whose head was `head_ms` from a stored shared group (see the
+/// `stored_*` methods of [`Timeline`]); bucket positions out of range are dropped.
 pub fn window_from_stored(
     seconds: u64,
+    head_ms: i64,
     idxs: &[i64],
     values: &[u64],
     buckets: Vec<Bucket>,
     distinct: &[Option<u32>],
 ) -> Window {
     let mut w = Window::new(seconds);
+    let head = w.idx(head_ms);
     for mut b in buckets {
         let Some(&idx) = usize::try_from(b.idx).ok().and_then(|p| idxs.get(p)) else { continue };
         b.idx = idx;
@@ -780,9 +792,9 @@ pub fn window_from_stored(
         w.count += b.count;
         w.buckets.push_back(b);
     }
-    for (v, pos) in values.iter().zip(distinct) {
-        if let Some(&idx) = pos.and_then(|p| idxs.get(p as usize)) {
-            w.distinct.insert(*v, idx);
+    for (v, age) in values.iter().zip(distinct) {
+        if let Some(age) = age {
+            w.distinct.insert(*v, head - i64::from(*age));
         }
     }
     w.recompute();
@@ -830,10 +842,14 @@ struct StoredDistinct<'a>(&'a Timeline, usize);
 impl Serialize for StoredDistinct<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let tl = self.0;
-        let Some(d) = tl.dslots.get(self.1).copied().flatten() else { return s.collect_seq(std::iter::empty::<u32>()) };
+        let lane = tl.totals.get(self.1).filter(|t| t.started);
+        let (Some(d), Some(t)) = (tl.dslots.get(self.1).copied().flatten(), lane) else {
+            return s.collect_seq(std::iter::empty::<u32>());
+        };
+        let head = tl.idx(t.head_ms);
         s.collect_seq(tl.distinct.values().map(|&r| {
             let cell = tl.rows[r as usize * tl.dlanes + d as usize];
-            (cell != i64::MIN).then(|| tl.position(cell) as u32)
+            (cell != i64::MIN).then(|| u32::try_from(head - cell).unwrap_or(u32::MAX))
         }))
     }
 }
@@ -1123,7 +1139,7 @@ mod tests {
             type Parts = (Vec<i64>, Vec<u64>, Vec<Bucket>, Vec<Option<u32>>);
             let (idxs, values, buckets, distinct): Parts =
                 rmp_serde::from_slice(&rmp_serde::to_vec(&parts).unwrap()).unwrap();
-            window_from_stored(60, &idxs, &values, buckets, &distinct)
+            window_from_stored(60, tl.head(lane), &idxs, &values, buckets, &distinct)
         };
         for lane in 0..2 {
             assert_eq!(stored(lane), tl.export(lane), "lane {lane}");
