@@ -278,8 +278,9 @@ struct Lane {
 /// (hashes). Each started lane is
 /// `[rule, head_ms, buckets, distinct, recent, pending_since_ms, open, last_fired_ms]`:
 /// `buckets` its non-empty buckets by position in `idxs`, `distinct` per value of `dvals` the
-/// age in buckets of its newest sighting before the lane's head bucket (or nil), `recent`
-/// positions in `ids`, and `open` the open alert's named MessagePack encoding.
+/// age in buckets of its newest sighting before the lane's head bucket (or nil), or, when an
+/// earlier lane's column is the same, that lane's position in `lanes`; `recent` positions in
+/// `ids`, and `open` the open alert's named MessagePack encoding.
 struct GroupEntry<'a> {
     group: &'a SharedGroup,
     class: &'a ClassState,
@@ -299,10 +300,23 @@ impl Serialize for GroupEntry<'_> {
         t.serialize_element(tl.stored_idxs())?;
         t.serialize_element(&tl.stored_values())?;
         let mut lanes = Vec::with_capacity(g.lanes.len());
+        // Lanes that count the same values see the same sightings (same field, same or no
+        // filter): such a lane refers to the earlier lane's column instead of repeating it.
+        let mut columns: Vec<(usize, Vec<Option<u32>>)> = Vec::new();
         for (lane, (l, rule)) in g.lanes.iter().zip(&self.class.rule_ids).enumerate() {
             if !tl.is_started(lane) {
                 continue;
             }
+            let mut ages = Vec::new();
+            tl.stored_distinct(lane, &mut ages);
+            let distinct = match columns.iter().find(|(_, c)| !ages.is_empty() && *c == ages) {
+                Some((at, _)) => DistinctColumn::Same(*at as u32),
+                None if ages.is_empty() => DistinctColumn::Ages(Vec::new()),
+                None => {
+                    columns.push((lanes.len(), ages.clone()));
+                    DistinctColumn::Ages(ages)
+                }
+            };
             let recent: Vec<u32> = l
                 .recent
                 .iter()
@@ -316,7 +330,7 @@ impl Serialize for GroupEntry<'_> {
                 rule,
                 tl.head(lane),
                 tl.stored_buckets(lane),
-                tl.stored_distinct(lane),
+                distinct,
                 recent,
                 l.pending_since_ms,
                 open,
@@ -326,6 +340,15 @@ impl Serialize for GroupEntry<'_> {
         t.serialize_element(&lanes)?;
         t.end()
     }
+}
+
+/// A lane's distinct sightings in a stored shared group (see [`GroupEntry`]).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum DistinctColumn {
+    /// The same as the column of the stored lane at this position.
+    Same(u32),
+    Ages(Vec<Option<u32>>),
 }
 
 /// Bytes as MessagePack `bin`.
@@ -369,7 +392,7 @@ struct StoredGroup {
 }
 
 #[derive(Deserialize)]
-struct StoredLane(Uuid, i64, Vec<Bucket>, Vec<Option<u32>>, Vec<u32>, Option<i64>, Option<Bin>, Option<i64>);
+struct StoredLane(Uuid, i64, Vec<Bucket>, DistinctColumn, Vec<u32>, Option<i64>, Option<Bin>, Option<i64>);
 
 /// Buffers of what the engine emits between two `take_effects`.
 #[derive(Default)]
@@ -484,17 +507,15 @@ impl Engine {
                 let key = g[CLASS_GROUP.len()..].to_string();
                 let id = group_id(&key);
                 let ts = e.tenants.entry(k.tenant).or_default();
+                let mut columns: Vec<Vec<Option<u32>>> = Vec::with_capacity(stored.lanes.len());
                 for lane in stored.lanes {
-                    let StoredLane(
-                        lane_rule,
-                        head_ms,
-                        buckets,
-                        distinct,
-                        recent,
-                        pending_since_ms,
-                        open,
-                        last_fired_ms,
-                    ) = lane;
+                    let StoredLane(lane_rule, head_ms, buckets, column, recent, pending_since_ms, open, last_fired_ms) =
+                        lane;
+                    let distinct = match column {
+                        DistinctColumn::Ages(ages) => ages,
+                        DistinctColumn::Same(at) => columns.get(at as usize).cloned().unwrap_or_default(),
+                    };
+                    columns.push(distinct.clone());
                     let window =
                         window_from_stored(stored.seconds, head_ms, &stored.idxs, &stored.dvals, buckets, &distinct);
                     let open = match open {
@@ -1835,6 +1856,10 @@ mod tests {
             json!({"name": "pending", "event_types": ["payment.*"], "group_by": ["payload.card"], "for_seconds": 2,
                    "filter": {"field": "payload.merchant", "op": "ne", "value": "m0"},
                    "window": {"seconds": 10, "aggregate": "max", "field": "payload.amount", "op": "gte", "threshold": 8}}),
+            // The same window as `distinct` with another threshold: its checkpointed column
+            // refers to that rule's.
+            json!({"name": "distinct tier 2", "event_types": ["payment.*"], "group_by": ["payload.card"],
+                   "window": {"seconds": 10, "aggregate": "distinct", "field": "payload.merchant", "op": "gte", "threshold": 4}}),
             json!({"name": "distinct2", "event_types": ["payment.*"], "group_by": ["payload.card"], "cooldown_seconds": 30,
                    "filter": {"field": "payload.amount", "op": "lt", "value": 7},
                    "window": {"seconds": 10, "aggregate": "distinct", "field": "payload.merchant", "op": "gte", "threshold": 2}}),

@@ -765,11 +765,18 @@ impl Timeline {
         StoredBuckets(self, lane)
     }
 
-    /// Per stored value, the age of its newest sighting in the lane's window, in buckets
-    /// before the lane's head bucket (nil when it is not in the window); empty for a lane that
-    /// does not count distinct values.
-    pub fn stored_distinct(&self, lane: usize) -> impl Serialize + '_ {
-        StoredDistinct(self, lane)
+    /// Fills `ages` with, per stored value, the age of its newest sighting in the lane's
+    /// window in buckets before the lane's head bucket (`None` when it is not in the window).
+    /// Leaves it empty for a lane that does not count distinct values.
+    pub fn stored_distinct(&self, lane: usize, ages: &mut Vec<Option<u32>>) {
+        ages.clear();
+        let started = self.totals.get(lane).filter(|t| t.started);
+        let (Some(d), Some(t)) = (self.dslots.get(lane).copied().flatten(), started) else { return };
+        let head = self.idx(t.head_ms);
+        ages.extend(self.distinct.values().map(|&r| {
+            let cell = self.rows[r as usize * self.dlanes + d as usize];
+            (cell != i64::MIN).then(|| u32::try_from(head - cell).unwrap_or(u32::MAX))
+        }));
     }
 }
 
@@ -834,23 +841,6 @@ struct BucketOut(i64, (u64, u64, f64, f64, f64));
 impl Serialize for BucketOut {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         serialize_bucket(s, self.0, self.1, Values(std::iter::empty(), 0))
-    }
-}
-
-struct StoredDistinct<'a>(&'a Timeline, usize);
-
-impl Serialize for StoredDistinct<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let tl = self.0;
-        let lane = tl.totals.get(self.1).filter(|t| t.started);
-        let (Some(d), Some(t)) = (tl.dslots.get(self.1).copied().flatten(), lane) else {
-            return s.collect_seq(std::iter::empty::<u32>());
-        };
-        let head = tl.idx(t.head_ms);
-        s.collect_seq(tl.distinct.values().map(|&r| {
-            let cell = tl.rows[r as usize * tl.dlanes + d as usize];
-            (cell != i64::MIN).then(|| u32::try_from(head - cell).unwrap_or(u32::MAX))
-        }))
     }
 }
 
@@ -1135,7 +1125,9 @@ mod tests {
         }
         // Stored as a shared group's entry stores it, and rebuilt.
         let stored = |lane: usize| {
-            let parts = (tl.stored_idxs(), tl.stored_values(), tl.stored_buckets(lane), tl.stored_distinct(lane));
+            let mut ages = Vec::new();
+            tl.stored_distinct(lane, &mut ages);
+            let parts = (tl.stored_idxs(), tl.stored_values(), tl.stored_buckets(lane), ages);
             type Parts = (Vec<i64>, Vec<u64>, Vec<Bucket>, Vec<Option<u32>>);
             let (idxs, values, buckets, distinct): Parts =
                 rmp_serde::from_slice(&rmp_serde::to_vec(&parts).unwrap()).unwrap();
