@@ -247,8 +247,101 @@ struct SharedGroup {
     values: Vec<Value>,
     timeline: Timeline,
     lanes: Vec<Lane>,
+    /// The event ids the lanes' samples hold.
+    ids: IdSlab,
     /// Changed since the last checkpoint.
     dirty: bool,
+}
+
+/// Event ids the lanes of a shared group keep as samples: each held once, with the number of
+/// lane samples holding it (lanes mostly sample the same events, and need no atomic reference
+/// count per lane and event).
+#[derive(Debug, Default)]
+struct IdSlab {
+    slots: Vec<(Option<Arc<str>>, u32)>,
+    free: Vec<u32>,
+    /// The slot filled last (the lanes of one event all hold its id).
+    last: Option<u32>,
+}
+
+impl IdSlab {
+    /// Holds `id` once more; returns its slot.
+    fn hold(&mut self, id: &Arc<str>) -> u32 {
+        if let Some(s) = self.last {
+            if let Some((Some(held), refs)) = self.slots.get_mut(s as usize) {
+                if Arc::ptr_eq(held, id) {
+                    *refs += 1;
+                    return s;
+                }
+            }
+        }
+        let s = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = (Some(id.clone()), 1);
+                s
+            }
+            None => {
+                self.slots.push((Some(id.clone()), 1));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.last = Some(s);
+        s
+    }
+
+    fn release(&mut self, s: u32) {
+        let Some((held, refs)) = self.slots.get_mut(s as usize) else { return };
+        *refs = refs.saturating_sub(1);
+        if *refs == 0 && held.take().is_some() {
+            self.free.push(s);
+        }
+    }
+
+    fn get(&self, s: u32) -> Option<&Arc<str>> {
+        self.slots.get(s as usize).and_then(|(id, _)| id.as_ref())
+    }
+}
+
+/// The newest [`EVENT_SAMPLE`] slots of an [`IdSlab`], oldest first.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ring {
+    slots: [u32; EVENT_SAMPLE],
+    start: u8,
+    len: u8,
+}
+
+impl Ring {
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..usize::from(self.len)).map(|i| self.slots[(usize::from(self.start) + i) % EVENT_SAMPLE])
+    }
+
+    fn push(&mut self, ids: &mut IdSlab, id: &Arc<str>) {
+        let slot = ids.hold(id);
+        if usize::from(self.len) == EVENT_SAMPLE {
+            ids.release(self.slots[usize::from(self.start)]);
+            self.slots[usize::from(self.start)] = slot;
+            self.start = ((usize::from(self.start) + 1) % EVENT_SAMPLE) as u8;
+        } else {
+            self.slots[(usize::from(self.start) + usize::from(self.len)) % EVENT_SAMPLE] = slot;
+            self.len += 1;
+        }
+    }
+
+    /// Releases every slot (the lane is emptied).
+    fn clear(&mut self, ids: &mut IdSlab) {
+        for s in self.iter() {
+            ids.release(s);
+        }
+        *self = Ring::default();
+    }
+
+    fn to_ids(self, ids: &IdSlab) -> VecDeque<Arc<str>> {
+        self.iter().filter_map(|s| ids.get(s).cloned()).collect()
+    }
+
+    fn event_ids(&self, ids: &IdSlab) -> Vec<String> {
+        self.iter().filter_map(|s| ids.get(s).map(|id| id.to_string())).collect()
+    }
 }
 
 impl SharedGroup {
@@ -258,6 +351,7 @@ impl SharedGroup {
             values,
             timeline: Timeline::new(seconds, dslots.clone()),
             lanes: (0..dslots.len()).map(|_| Lane::default()).collect(),
+            ids: IdSlab::default(),
             dirty: false,
         }
     }
@@ -266,7 +360,8 @@ impl SharedGroup {
 /// One window rule's alert state in one group (its window is its lane of the timeline).
 #[derive(Debug, Default)]
 struct Lane {
-    recent: VecDeque<Arc<str>>,
+    /// The newest matching events, as slots of the group's [`IdSlab`].
+    recent: Ring,
     pending_since_ms: Option<i64>,
     open: Option<Box<Alert>>,
     last_fired_ms: Option<i64>,
@@ -284,9 +379,6 @@ struct Lane {
 struct GroupEntry<'a> {
     group: &'a SharedGroup,
     class: &'a ClassState,
-    /// Event ids in the entry: index by pointer, and the ids in order.
-    ids: &'a FastMap<usize, u32>,
-    id_list: &'a [&'a Arc<str>],
 }
 
 impl Serialize for GroupEntry<'_> {
@@ -296,7 +388,7 @@ impl Serialize for GroupEntry<'_> {
         let mut t = s.serialize_tuple(6)?;
         t.serialize_element(&self.class.seconds)?;
         t.serialize_element(&g.values)?;
-        t.serialize_element(self.id_list)?;
+        t.serialize_element(&g.ids.slots.iter().map(|(id, _)| id).collect::<Vec<_>>())?;
         t.serialize_element(tl.stored_idxs())?;
         t.serialize_element(&tl.stored_values())?;
         let mut lanes = Vec::with_capacity(g.lanes.len());
@@ -317,11 +409,7 @@ impl Serialize for GroupEntry<'_> {
                     DistinctColumn::Ages(ages)
                 }
             };
-            let recent: Vec<u32> = l
-                .recent
-                .iter()
-                .filter_map(|id| self.ids.get(&(Arc::as_ptr(id) as *const u8 as usize)).copied())
-                .collect();
+            let recent: Vec<u32> = l.recent.iter().collect();
             let open = match &l.open {
                 Some(a) => Some(Bin(rmp_serde::to_vec_named(&**a).map_err(S::Error::custom)?)),
                 None => None,
@@ -385,7 +473,7 @@ impl<'de> Deserialize<'de> for Bin {
 struct StoredGroup {
     seconds: u64,
     values: Vec<Value>,
-    ids: Vec<Arc<str>>,
+    ids: Vec<Option<Arc<str>>>,
     idxs: Vec<i64>,
     dvals: Vec<u64>,
     lanes: Vec<StoredLane>,
@@ -529,7 +617,7 @@ impl Engine {
                         head_ms,
                         window: Some(window),
                         last_seen_ms: None,
-                        recent: recent.iter().filter_map(|&i| stored.ids.get(i as usize).cloned()).collect(),
+                        recent: recent.iter().filter_map(|&i| stored.ids.get(i as usize).cloned().flatten()).collect(),
                         pending_since_ms,
                         open,
                         last_fired_ms,
@@ -812,7 +900,6 @@ impl Engine {
             };
             // Encoded back to back into large buffers that the entries then share.
             let mut buf = bytes::BytesMut::with_capacity(CHECKPOINT_CHUNK);
-            let mut ids: FastMap<usize, u32> = FastMap::default();
             for key in out.state_dirty.drain(..) {
                 let Some(ts) = self.tenants.get_mut(&key.tenant) else { continue };
                 if buf.capacity() < CHECKPOINT_CHUNK / 16 {
@@ -829,17 +916,7 @@ impl Engine {
                         }
                         let cs = &*cs;
                         let Some(sg) = cs.groups.get(&gid) else { continue };
-                        ids.clear();
-                        let mut id_list: Vec<&Arc<str>> = Vec::with_capacity(EVENT_SAMPLE * 2);
-                        for l in &sg.lanes {
-                            for id in &l.recent {
-                                ids.entry(Arc::as_ptr(id) as *const u8 as usize).or_insert_with(|| {
-                                    id_list.push(id);
-                                    (id_list.len() - 1) as u32
-                                });
-                            }
-                        }
-                        let entry = GroupEntry { group: sg, class: cs, ids: &ids, id_list: &id_list };
+                        let entry = GroupEntry { group: sg, class: cs };
                         rmp_serde::encode::write(&mut w, &entry)
                     }
                     group => {
@@ -1065,7 +1142,7 @@ fn dissolve_classes(tenant: TenantId, ts: &mut TenantState, out: &mut Out) {
     out.deletes.append(&mut ts.restored);
     for cs in ts.classes.drain(..) {
         for (gid, g) in cs.groups {
-            let SharedGroup { key, values, timeline, lanes, .. } = *g;
+            let SharedGroup { key, values, timeline, lanes, ids, .. } = *g;
             out.deletes.push(StateKey { tenant, rule: cs.id, group: Some(class_group_key(&key)) });
             for (lane, l) in lanes.into_iter().enumerate() {
                 let Some(rule) = cs.rule_ids.get(lane).filter(|_| timeline.is_started(lane)) else { continue };
@@ -1076,7 +1153,7 @@ fn dissolve_classes(tenant: TenantId, ts: &mut TenantState, out: &mut Out) {
                     head_ms: timeline.head(lane),
                     window: Some(timeline.export(lane)),
                     last_seen_ms: None,
-                    recent: l.recent,
+                    recent: l.recent.to_ids(&ids),
                     pending_since_ms: l.pending_since_ms,
                     open: l.open.map(|a| *a),
                     last_fired_ms: l.last_fired_ms,
@@ -1107,8 +1184,12 @@ fn absorb_classes(tenant: TenantId, ts: &mut TenantState, compiled: &TenantRules
                     None => sg.timeline.import(lane, g.head_ms, &Window::new(seconds)),
                 }
                 if let Some(l) = sg.lanes.get_mut(lane) {
+                    let mut recent = Ring::default();
+                    for id in &g.recent {
+                        recent.push(&mut sg.ids, id);
+                    }
                     *l = Lane {
-                        recent: g.recent,
+                        recent,
                         pending_since_ms: g.pending_since_ms,
                         open: g.open.map(Box::new),
                         last_fired_ms: g.last_fired_ms,
@@ -1374,7 +1455,7 @@ fn on_lane_event(
         return;
     }
     let Some(l) = g.lanes.get_mut(lane) else { return };
-    push_recent(&mut l.recent, id);
+    l.recent.push(&mut g.ids, id);
     evaluate_lane(ctx, rule, g, lane, out);
     mark_group_dirty(out, ctx.tenant, class_id, g);
 }
@@ -1408,7 +1489,8 @@ fn evaluate_lane(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut SharedGroup, lane: 
         }
         let since = *l.pending_since_ms.get_or_insert(at);
         if at - since >= rule.for_ms && cooldown_over(rule, l.last_fired_ms, at) {
-            let alert = new_alert(ctx, rule, (&g.key, &g.values), &l.recent, at, value.unwrap_or_default(), None);
+            let sample = l.recent.event_ids(&g.ids);
+            let alert = new_alert(ctx, rule, (&g.key, &g.values), sample, at, value.unwrap_or_default(), None);
             l.last_fired_ms = Some(at);
             l.pending_since_ms = None;
             out.transitions.push((alert.id, Transition::Firing));
@@ -1438,7 +1520,8 @@ fn fire(
     out: &mut Out,
     decision: Option<&Decision>,
 ) {
-    let alert = new_alert(ctx, rule, (&g.key, &g.values), &g.recent, at, value, decision);
+    let sample = g.recent.iter().map(|s| s.to_string()).collect();
+    let alert = new_alert(ctx, rule, (&g.key, &g.values), sample, at, value, decision);
     g.last_fired_ms = Some(at);
     g.pending_since_ms = None;
     g.open = Some(alert.clone());
@@ -1452,7 +1535,7 @@ fn new_alert(
     ctx: &Ctx<'_>,
     rule: &CompiledRule,
     (key, values): (&str, &[Value]),
-    recent: &VecDeque<Arc<str>>,
+    event_ids: Vec<String>,
     at: i64,
     value: f64,
     decision: Option<&Decision>,
@@ -1497,7 +1580,7 @@ fn new_alert(
         state: AlertState::Firing,
         fired_at_ms: at,
         resolved_at_ms: None,
-        event_ids: recent.iter().map(|s| s.to_string()).collect(),
+        event_ids,
         silence_id,
         actions: spec.actions.clone(),
         title: decision.and_then(|d| d.title.clone()),
@@ -1573,6 +1656,7 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
                     && l.pending_since_ms.is_none()
                     && cooldown_over(rule, l.last_fired_ms, head)
                 {
+                    l.recent.clear(&mut g.ids);
                     *l = Lane::default();
                     g.timeline.stop(lane);
                     if let Some(rs) = ts.rules.get_mut(&rule.id()) {
@@ -2028,5 +2112,31 @@ mod tests {
             resolved.iter().map(|a| (a.id, a.state)).collect::<Vec<_>>(),
             [(alerts[0].id, AlertState::Resolved)]
         );
+    }
+    #[test]
+    fn lane_samples_hold_each_id_once_and_free_what_they_drop() {
+        let mut ids = IdSlab::default();
+        let mut lanes = [Ring::default(); 3];
+        let events: Vec<Arc<str>> = (0..100).map(|i| Arc::from(format!("e{i}").as_str())).collect();
+        for (i, id) in events.iter().enumerate() {
+            // Every lane samples even events; lane 2 also odd ones.
+            for (l, ring) in lanes.iter_mut().enumerate() {
+                if i % 2 == 0 || l == 2 {
+                    ring.push(&mut ids, id);
+                }
+            }
+        }
+        let sample = |r: &Ring| r.event_ids(&ids);
+        let want: Vec<String> = (80..100).step_by(2).map(|i| format!("e{i}")).collect();
+        assert_eq!(sample(&lanes[0]), want);
+        assert_eq!(sample(&lanes[2]), (90..100).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        let live = ids.slots.iter().filter(|(id, _)| id.is_some()).count();
+        assert_eq!(live, 15, "e80..e98 even for lanes 0 and 1, e90..e99 for lane 2: 15 distinct ids");
+        assert_eq!(Arc::strong_count(&events[98]), 2, "held once by the slab, however many lanes sample it");
+        for ring in &mut lanes {
+            ring.clear(&mut ids);
+        }
+        assert!(ids.slots.iter().all(|(id, refs)| id.is_none() && *refs == 0));
+        assert_eq!(Arc::strong_count(&events[98]), 1);
     }
 }
