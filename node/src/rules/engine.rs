@@ -763,16 +763,11 @@ impl Engine {
                 }
                 _ => None,
             };
-            let class = compiled.group_class.get(i).copied().unwrap_or_default();
-            let (Some(key), Some(ready)) = (self.group_keys.get_mut(class), self.group_key_ready.get_mut(class)) else {
+            let gc = compiled.group_class.get(i).copied().unwrap_or_default();
+            let Some(key) = event_key(&mut self.group_keys, &mut self.group_key_ready, gc, rule, &mut fields) else {
                 continue;
             };
-            if !*ready {
-                group_key(rule, &mut fields, &mut key.0);
-                key.1 = group_id(&key.0);
-                *ready = true;
-            }
-            on_rule_event(&ctx, ts, rule, &mut fields, &id, t, (&key.0, key.1), &mut self.out, decision.as_ref());
+            on_rule_event(&ctx, ts, rule, &mut fields, &id, t, key, &mut self.out, decision.as_ref());
         }
         // Window rules, one class (one group lookup, one timeline) at a time; within a class
         // the hits are in lane order.
@@ -781,15 +776,10 @@ impl Engine {
             let Some(&(_, first)) = run.first() else { continue };
             let Some(rule) = compiled.rules.get(first) else { continue };
             let gc = compiled.group_class.get(first).copied().unwrap_or_default();
-            let (Some(key), Some(ready)) = (self.group_keys.get_mut(gc), self.group_key_ready.get_mut(gc)) else {
+            let Some(key) = event_key(&mut self.group_keys, &mut self.group_key_ready, gc, rule, &mut fields) else {
                 continue;
             };
-            if !*ready {
-                group_key(rule, &mut fields, &mut key.0);
-                key.1 = group_id(&key.0);
-                *ready = true;
-            }
-            on_class_event(&ctx, ts, class, run, &mut fields, &id, t, (&key.0, key.1), &mut self.out);
+            on_class_event(&ctx, ts, class, run, &mut fields, &id, t, key, &mut self.out);
         }
     }
 
@@ -1244,6 +1234,24 @@ fn rule_state<'a>(
     })
 }
 
+/// The event's group key and id under `rule`'s `group_by` (group class `gc`), built on first
+/// use and kept for the other rules of the class.
+fn event_key<'k>(
+    keys: &'k mut [(String, GroupId)],
+    ready: &mut [bool],
+    gc: usize,
+    rule: &CompiledRule,
+    fields: &mut Fields<'_>,
+) -> Option<(&'k str, GroupId)> {
+    let (key, ready) = (keys.get_mut(gc)?, ready.get_mut(gc)?);
+    if !*ready {
+        group_key(rule, fields, &mut key.0);
+        key.1 = group_id(&key.0);
+        *ready = true;
+    }
+    Some((&key.0, key.1))
+}
+
 /// Writes the event's group key under `rule`'s `group_by` into `key`.
 fn group_key(rule: &CompiledRule, fields: &mut Fields<'_>, key: &mut String) {
     key.clear();
@@ -1274,13 +1282,7 @@ fn on_rule_event(
         return;
     }
     {
-        if rs.groups.len() >= ctx.cfg.max_groups_per_rule {
-            rs.meta.dropped_groups += 1;
-            out.dropped_groups += 1;
-            if !rs.meta_dirty {
-                rs.meta_dirty = true;
-                out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: None });
-            }
+        if !admit_group(ctx, rule, rs, out) {
             return;
         }
         let values = rule.group_by.iter().map(|p| fields.get(p).map_or(Value::Null, |v| v.to_json())).collect();
@@ -1290,6 +1292,21 @@ fn on_rule_event(
     if let Some(g) = rs.groups.get_mut(&gid) {
         on_group_event(ctx, rule, g, fields, id, t, out, decision);
     }
+}
+
+/// Whether the rule may have one more group (its cap, `max_groups_per_rule`); a group refused
+/// is counted in the rule's statistics.
+fn admit_group(ctx: &Ctx<'_>, rule: &CompiledRule, rs: &mut RuleState, out: &mut Out) -> bool {
+    if rs.groups.len() + rs.lanes < ctx.cfg.max_groups_per_rule {
+        return true;
+    }
+    rs.meta.dropped_groups += 1;
+    out.dropped_groups += 1;
+    if !rs.meta_dirty {
+        rs.meta_dirty = true;
+        out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: None });
+    }
+    false
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1406,13 +1423,7 @@ fn on_class_event(
         let Some(rule) = ctx.compiled.rules.get(i) else { continue };
         if !g.timeline.is_started(lane) {
             let rs = rule_state(&mut ts.rules, rule, ctx.clock_ms, out, ctx.tenant);
-            if rs.groups.len() + rs.lanes >= ctx.cfg.max_groups_per_rule {
-                rs.meta.dropped_groups += 1;
-                out.dropped_groups += 1;
-                if !rs.meta_dirty {
-                    rs.meta_dirty = true;
-                    out.state_dirty.push(StateKey { tenant: ctx.tenant, rule: rule.id(), group: None });
-                }
+            if !admit_group(ctx, rule, rs, out) {
                 continue;
             }
             rs.lanes += 1;

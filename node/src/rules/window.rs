@@ -141,7 +141,9 @@ fn serialize_bucket<S: Serializer, I: Iterator<Item = u64> + Clone>(
     t.end()
 }
 
-/// One group's window state.
+/// One rule's window in one group, as it is checkpointed per rule and group (and exported from
+/// and imported into a [`Timeline`] lane). Its own `insert`, `advance` and `value` are the
+/// single-window model the timeline's lanes are tested against.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Window {
     width_ms: i64,
@@ -197,14 +199,17 @@ impl Window {
     }
 
     /// The lowest bucket index still inside the window at `head_ms`.
+    #[cfg(test)]
     fn first_idx(&self, head_ms: i64) -> i64 {
         self.idx(head_ms) - self.span + 1
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.count
     }
@@ -212,6 +217,7 @@ impl Window {
     /// Adds one event at `t_ms` to a window whose head is `head_ms` (callers advance the head
     /// first when the event is newer). `value` is the numeric field (sum/avg/min/max) and
     /// `distinct` the value's [`distinct_hash`] (distinct); an event without a value still counts.
+    #[cfg(test)]
     pub fn insert(&mut self, head_ms: i64, t_ms: i64, value: Option<f64>, distinct: Option<u64>) -> Insert {
         let idx = self.idx(t_ms);
         if idx < self.first_idx(head_ms) {
@@ -264,6 +270,7 @@ impl Window {
     }
 
     /// Drops the buckets that fell out of the window at `head_ms`.
+    #[cfg(test)]
     pub fn advance(&mut self, head_ms: i64) {
         let first = self.first_idx(head_ms);
         let mut extreme_left = false;
@@ -289,6 +296,7 @@ impl Window {
         }
     }
 
+    #[cfg(test)]
     fn clear_numeric(&mut self) {
         self.sum = 0.0;
         self.min = f64::INFINITY;
@@ -311,6 +319,7 @@ impl Window {
     }
 
     /// The aggregate over the window; `None` when it has no data (avg, min and max of nothing).
+    #[cfg(test)]
     pub fn value(&self, aggregate: Aggregate) -> Option<f64> {
         match aggregate {
             Aggregate::Count => Some(self.count as f64),
