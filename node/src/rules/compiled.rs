@@ -176,6 +176,8 @@ pub struct WindowClass {
     pub rule_ids: Vec<Uuid>,
     /// Per lane, its column among the lanes that count distinct values.
     pub dslots: Vec<Option<u32>>,
+    /// Whether a member aggregates a numeric field (sum, avg, min or max).
+    pub numeric: bool,
 }
 
 /// A tenant's enabled rules and silences, compiled. Replaced whole when any of them changes.
@@ -275,6 +277,7 @@ impl TenantRules {
                             rules: Vec::new(),
                             rule_ids: Vec::new(),
                             dslots: Vec::new(),
+                            numeric: false,
                         });
                         self.window_classes.len() - 1
                     }
@@ -282,6 +285,8 @@ impl TenantRules {
                 let wc = &mut self.window_classes[c];
                 let distinct = matches!(spec.aggregate, super::spec::Aggregate::Distinct);
                 wc.dslots.push(distinct.then(|| wc.dslots.iter().flatten().count() as u32));
+                wc.numeric |=
+                    !matches!(spec.aggregate, super::spec::Aggregate::Count | super::spec::Aggregate::Distinct);
                 wc.rules.push(self.rules.len());
                 wc.rule_ids.push(rule.id());
                 Some((c, wc.rules.len() - 1))

@@ -215,6 +215,7 @@ struct TenantState {
 struct ClassState {
     id: Uuid,
     seconds: u64,
+    numeric: bool,
     rule_ids: Vec<Uuid>,
     dslots: Arc<[Option<u32>]>,
     groups: FastMap<GroupId, Box<SharedGroup>>,
@@ -225,6 +226,7 @@ impl ClassState {
         ClassState {
             id: class.id,
             seconds: class.seconds,
+            numeric: class.numeric,
             rule_ids: class.rule_ids.clone(),
             dslots: class.dslots.clone().into(),
             groups: FastMap::default(),
@@ -234,6 +236,7 @@ impl ClassState {
     fn same_layout(&self, class: &WindowClass) -> bool {
         self.id == class.id
             && self.seconds == class.seconds
+            && self.numeric == class.numeric
             && self.rule_ids == class.rule_ids
             && *self.dslots == *class.dslots
     }
@@ -345,11 +348,17 @@ impl Ring {
 }
 
 impl SharedGroup {
-    fn new(key: String, values: Vec<Value>, seconds: u64, dslots: &Arc<[Option<u32>]>) -> SharedGroup {
+    /// A group of a class whose windows are `seconds` long, with lanes `dslots` (see
+    /// [`Timeline::new`]).
+    fn new(
+        key: String,
+        values: Vec<Value>,
+        (seconds, dslots, numeric): (u64, &Arc<[Option<u32>]>, bool),
+    ) -> SharedGroup {
         SharedGroup {
             key,
             values,
-            timeline: Timeline::new(seconds, dslots.clone()),
+            timeline: Timeline::new(seconds, dslots.clone(), numeric),
             lanes: (0..dslots.len()).map(|_| Lane::default()).collect(),
             ids: IdSlab::default(),
             dirty: false,
@@ -1164,11 +1173,10 @@ fn absorb_classes(tenant: TenantId, ts: &mut TenantState, compiled: &TenantRules
             let Some(rs) = ts.rules.get_mut(id) else { continue };
             for (gid, g) in rs.groups.drain() {
                 let g = *g;
-                let (seconds, dslots) = (cs.seconds, &cs.dslots);
-                let sg = cs
-                    .groups
-                    .entry(gid)
-                    .or_insert_with(|| Box::new(SharedGroup::new(g.key.clone(), g.values.clone(), seconds, dslots)));
+                let (seconds, dslots, numeric) = (cs.seconds, &cs.dslots, cs.numeric);
+                let sg = cs.groups.entry(gid).or_insert_with(|| {
+                    Box::new(SharedGroup::new(g.key.clone(), g.values.clone(), (seconds, dslots, numeric)))
+                });
                 match &g.window {
                     Some(w) => sg.timeline.import(lane, g.head_ms, w),
                     None => sg.timeline.import(lane, g.head_ms, &Window::new(seconds)),
@@ -1414,10 +1422,10 @@ fn on_class_event(
 ) {
     let Some(cs) = ts.classes.get_mut(class) else { return };
     let Some(first) = run.first().and_then(|h| ctx.compiled.rules.get(h.1)) else { return };
-    let (seconds, dslots) = (cs.seconds, &cs.dslots);
+    let (seconds, dslots, numeric) = (cs.seconds, &cs.dslots, cs.numeric);
     let g = cs.groups.entry(gid).or_insert_with(|| {
         let values = first.group_by.iter().map(|p| fields.get(p).map_or(Value::Null, |v| v.to_json())).collect();
-        Box::new(SharedGroup::new(key.to_string(), values, seconds, dslots))
+        Box::new(SharedGroup::new(key.to_string(), values, (seconds, dslots, numeric)))
     });
     for &(lane, i) in run {
         let Some(rule) = ctx.compiled.rules.get(i) else { continue };

@@ -349,8 +349,13 @@ pub struct Timeline {
     lanes: usize,
     /// Bucket indexes, ascending.
     idxs: VecDeque<i64>,
-    /// `lanes` accumulators per bucket, bucket after bucket.
-    accs: VecDeque<Acc>,
+    /// `lanes` event counts per bucket, bucket after bucket.
+    counts: VecDeque<u32>,
+    /// Whether a lane aggregates a numeric field; then `nums` holds `lanes` numeric
+    /// accumulators per bucket, like `counts` (else it stays empty, and count and distinct
+    /// windows keep four bytes per lane and bucket).
+    numeric: bool,
+    nums: VecDeque<Num>,
     /// Per bucket (only when a lane counts distinct values): the values whose newest sighting
     /// in some lane was, at the time, this bucket.
     dvals: VecDeque<Vec<u64>>,
@@ -378,6 +383,17 @@ struct Acc {
 }
 
 const EMPTY_ACC: Acc = Acc { count: 0, numeric: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY };
+
+/// The numeric part of an [`Acc`], kept only by timelines with a numeric lane.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Num {
+    numeric: u32,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+const EMPTY_NUM: Num = Num { numeric: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY };
 
 /// One lane's aggregate over its window, and its head.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -407,8 +423,9 @@ const IDLE_LANE: Totals = Totals {
 
 impl Timeline {
     /// A timeline for windows of `seconds`, with one lane per entry of `dslots` (each lane's
-    /// column among the lanes that count distinct values, if it does).
-    pub fn new(seconds: u64, dslots: std::sync::Arc<[Option<u32>]>) -> Timeline {
+    /// column among the lanes that count distinct values, if it does); `numeric` when a lane
+    /// aggregates a numeric field (sum, avg, min, max). Without, numeric values are ignored.
+    pub fn new(seconds: u64, dslots: std::sync::Arc<[Option<u32>]>, numeric: bool) -> Timeline {
         let width_ms = bucket_width_ms(seconds);
         let span = ((seconds as i64) * 1000).div_euclid(width_ms).max(1);
         let dlanes = dslots.iter().flatten().count();
@@ -417,7 +434,9 @@ impl Timeline {
             span,
             lanes: dslots.len(),
             idxs: VecDeque::new(),
-            accs: VecDeque::new(),
+            counts: VecDeque::new(),
+            numeric,
+            nums: VecDeque::new(),
             dvals: VecDeque::new(),
             dlanes,
             dslots: dslots.clone(),
@@ -440,6 +459,26 @@ impl Timeline {
     /// Position of the first bucket whose index is at least `idx`.
     fn position(&self, idx: i64) -> usize {
         self.idxs.partition_point(|&i| i < idx)
+    }
+
+    /// Lane `lane`'s share of the bucket at position `b`.
+    fn acc(&self, b: usize, lane: usize) -> Acc {
+        let at = b * self.lanes + lane;
+        let count = self.counts.get(at).copied().unwrap_or_default();
+        match self.nums.get(at) {
+            Some(n) => Acc { count, numeric: n.numeric, sum: n.sum, min: n.min, max: n.max },
+            None => Acc { count, ..EMPTY_ACC },
+        }
+    }
+
+    fn set_acc(&mut self, b: usize, lane: usize, acc: Acc) {
+        let at = b * self.lanes + lane;
+        if let Some(c) = self.counts.get_mut(at) {
+            *c = acc.count;
+        }
+        if let Some(n) = self.nums.get_mut(at) {
+            *n = Num { numeric: acc.numeric, sum: acc.sum, min: acc.min, max: acc.max };
+        }
     }
 
     pub fn is_started(&self, lane: usize) -> bool {
@@ -478,7 +517,7 @@ impl Timeline {
             return;
         }
         for b in 0..self.idxs.len() {
-            self.accs[b * self.lanes + lane] = EMPTY_ACC;
+            self.set_acc(b, lane, EMPTY_ACC);
         }
         if let Some(d) = self.dslots[lane] {
             let (d, n) = (d as usize, self.dlanes);
@@ -502,7 +541,8 @@ impl Timeline {
         let mut extreme_left = false;
         let dslot = self.dslots[lane].map(|d| d as usize);
         for b in from..to {
-            let acc = std::mem::replace(&mut self.accs[b * self.lanes + lane], EMPTY_ACC);
+            let acc = self.acc(b, lane);
+            self.set_acc(b, lane, EMPTY_ACC);
             let tot = &mut self.totals[lane];
             tot.count -= u64::from(acc.count);
             if acc.numeric > 0 {
@@ -540,7 +580,7 @@ impl Timeline {
         let (from, to) = (self.position(self.first_idx(head)), self.position(self.idx(head) + 1));
         let (mut numeric, mut sum, mut min, mut max) = (0u64, 0.0, f64::INFINITY, f64::NEG_INFINITY);
         for b in from..to {
-            let acc = &self.accs[b * self.lanes + lane];
+            let acc = self.acc(b, lane);
             numeric += u64::from(acc.numeric);
             sum += acc.sum;
             min = min.min(acc.min);
@@ -556,7 +596,10 @@ impl Timeline {
         let first = first.unwrap_or(i64::MAX);
         while self.idxs.front().is_some_and(|&i| i < first) {
             self.idxs.pop_front();
-            self.accs.drain(..self.lanes);
+            self.counts.drain(..self.lanes);
+            if self.numeric {
+                self.nums.drain(..self.lanes);
+            }
             if let Some(vals) = self.dvals.pop_front() {
                 for v in vals {
                     let Some(&r) = self.distinct.get(&v) else { continue };
@@ -584,11 +627,19 @@ impl Timeline {
         }
         self.idxs.insert(at, idx);
         if at == self.idxs.len() - 1 {
-            self.accs.extend(std::iter::repeat_n(EMPTY_ACC, self.lanes));
+            self.counts.extend(std::iter::repeat_n(0, self.lanes));
+            if self.numeric {
+                self.nums.extend(std::iter::repeat_n(EMPTY_NUM, self.lanes));
+            }
         } else {
-            let tail = self.accs.split_off(at * self.lanes);
-            self.accs.extend(std::iter::repeat_n(EMPTY_ACC, self.lanes));
-            self.accs.extend(tail);
+            let tail = self.counts.split_off(at * self.lanes);
+            self.counts.extend(std::iter::repeat_n(0, self.lanes));
+            self.counts.extend(tail);
+            if self.numeric {
+                let tail = self.nums.split_off(at * self.lanes);
+                self.nums.extend(std::iter::repeat_n(EMPTY_NUM, self.lanes));
+                self.nums.extend(tail);
+            }
         }
         if self.dlanes > 0 {
             self.dvals.insert(at, Vec::new());
@@ -629,15 +680,17 @@ impl Timeline {
             return Insert::TooLate;
         }
         let b = self.bucket(idx);
-        let acc = &mut self.accs[b * self.lanes + lane];
-        acc.count = acc.count.saturating_add(1);
+        let at = b * self.lanes + lane;
+        if let Some(c) = self.counts.get_mut(at) {
+            *c = c.saturating_add(1);
+        }
         let tot = &mut self.totals[lane];
         tot.count += 1;
-        if let Some(v) = value.filter(|v| v.is_finite()) {
-            acc.numeric = acc.numeric.saturating_add(1);
-            acc.sum += v;
-            acc.min = acc.min.min(v);
-            acc.max = acc.max.max(v);
+        if let (Some(v), Some(n)) = (value.filter(|v| v.is_finite()), self.nums.get_mut(at)) {
+            n.numeric = n.numeric.saturating_add(1);
+            n.sum += v;
+            n.min = n.min.min(v);
+            n.max = n.max.max(v);
             tot.numeric += 1;
             tot.sum += v;
             tot.min = tot.min.min(v);
@@ -693,7 +746,7 @@ impl Timeline {
         }
         let (from, to) = (self.position(self.first_idx(t.head_ms)), self.position(self.idx(t.head_ms) + 1));
         for b in from..to {
-            let acc = &self.accs[b * self.lanes + lane];
+            let acc = self.acc(b, lane);
             if acc.count == 0 {
                 continue;
             }
@@ -722,16 +775,16 @@ impl Timeline {
         let last = self.idx(head_ms);
         for bk in w.buckets.iter().filter(|b| b.idx >= first && b.idx <= last) {
             let b = self.bucket(bk.idx);
-            self.accs[b * self.lanes + lane] = Acc {
+            let acc = Acc {
                 count: u32::try_from(bk.count).unwrap_or(u32::MAX),
                 numeric: u32::try_from(bk.numeric).unwrap_or(u32::MAX),
                 sum: bk.sum,
                 min: bk.min,
                 max: bk.max,
             };
-            let tot = &mut self.totals[lane];
-            tot.count += bk.count;
-            tot.numeric += bk.numeric;
+            self.set_acc(b, lane, acc);
+            // Numeric totals are recomputed from the buckets below.
+            self.totals[lane].count += bk.count;
         }
         if let Some(d) = dslot {
             // A value is in the window while its newest sighting's bucket is.
@@ -831,7 +884,7 @@ impl Serialize for StoredBuckets<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         let (tl, lane) = (self.0, self.1);
-        let acc = |b: usize| &tl.accs[b * tl.lanes + lane];
+        let acc = |b: usize| tl.acc(b, lane);
         let used = (0..tl.idxs.len()).filter(|&b| lane < tl.lanes && acc(b).count > 0);
         let mut seq = s.serialize_seq(Some(used.clone().count()))?;
         for b in used {
@@ -1037,10 +1090,11 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let aggregates =
             [Aggregate::Count, Aggregate::Sum, Aggregate::Avg, Aggregate::Min, Aggregate::Max, Aggregate::Distinct];
-        for seconds in [3u64, 10, 7_200] {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seconds);
+        // Numeric timelines, and count-only ones (no lane aggregates a numeric field).
+        for (seconds, numeric) in [(3u64, true), (10, true), (7_200, true), (10, false), (7_200, false)] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seconds + u64::from(numeric));
             let dslots: std::sync::Arc<[Option<u32>]> = vec![None, Some(0), None, Some(1)].into();
-            let mut tl = Timeline::new(seconds, dslots.clone());
+            let mut tl = Timeline::new(seconds, dslots.clone(), numeric);
             let mut reference: Vec<Option<(i64, Window)>> = vec![None; 4];
             let step = (seconds as i64 * 1000) / 8;
             let mut now = 0i64;
@@ -1071,7 +1125,8 @@ mod tests {
                     _ => {
                         now += rng.random_range(0..step / 4 + 1);
                         let t = now - rng.random_range(0..3 * step);
-                        let value = (rng.random_range(0..5) > 0).then(|| rng.random_range(-50..50) as f64 / 4.0);
+                        let value =
+                            (numeric && rng.random_range(0..5) > 0).then(|| rng.random_range(-50..50) as f64 / 4.0);
                         let distinct = dslots[lane].map(|_| rng.random_range(0..12u64));
                         let (head, w) = reference[lane].get_or_insert_with(|| {
                             tl.start(lane, t);
@@ -1112,14 +1167,15 @@ mod tests {
             for l in 0..4 {
                 tl.stop(l);
             }
-            assert!(tl.is_idle() && tl.idxs.is_empty() && tl.accs.is_empty() && tl.distinct.is_empty());
+            assert!(tl.is_idle() && tl.idxs.is_empty() && tl.counts.is_empty() && tl.nums.is_empty());
+            assert!(tl.distinct.is_empty());
         }
     }
 
     #[test]
     fn a_stored_lane_rebuilds_its_window() {
         let dslots: std::sync::Arc<[Option<u32>]> = vec![Some(0), None].into();
-        let mut tl = Timeline::new(60, dslots);
+        let mut tl = Timeline::new(60, dslots, true);
         let mut w = Window::new(60);
         tl.start(0, 0);
         tl.start(1, 0);
@@ -1147,7 +1203,7 @@ mod tests {
         }
         let back = stored(0);
         // Restored into a timeline, the lane goes on as the window it was.
-        let mut restored = Timeline::new(60, vec![Some(0)].into());
+        let mut restored = Timeline::new(60, vec![Some(0)].into(), true);
         restored.import(0, 89 * S, &back);
         for t in [95, 100, 120, 148, 150] {
             restored.advance(0, t * S);
