@@ -297,6 +297,7 @@ async fn run_partition(
         stats: Some(p.stats.clone()),
         max_consecutive_failures: p.max_consecutive_failures,
         reports: None,
+        pending: Default::default(),
     });
     let start = engine.processed_seq() + 1;
     let name = consumer_name(partition);

@@ -1,9 +1,14 @@
-//! The module side of ABI v1, used by [`export_rule!`](crate::export_rule) and
+//! The module side of ABI v2, used by [`export_rule!`](crate::export_rule) and
 //! [`export_notifier!`](crate::export_notifier). Not for direct use.
 //!
 //! Memory ownership: the host asks `signalops_alloc(len)` for an input buffer and writes the
 //! input there; the buffer belongs to the module and is reused by the next call. `evaluate`
-//! (or `render`) returns `(ptr << 32) | len` of its output, which stays valid until the module's next call.
+//! (or `render`) returns `(ptr << 32) | len` of its output, which stays valid until the
+//! module's next call.
+//!
+//! A rule's config arrives once per instance, through `signalops_configure(slot, ptr, len)`;
+//! `evaluate(slot)` then runs the handler with that slot's config, and the handler reads the
+//! event through the host.
 
 use std::cell::RefCell;
 
@@ -15,11 +20,8 @@ use crate::notification::{Notification, Request};
 thread_local! {
     static INPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static OUTPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// The event of the current call, decoded over the previous call's (see [`read_call`]).
-    static EVENT: RefCell<Event> = RefCell::new(Event::new("", Value::Map(Vec::new())));
-    /// The last config seen: its bytes and its decoded value. A rule's config is the same on
-    /// every call, so it is decoded once.
-    static CONFIG: RefCell<(Vec<u8>, Value)> = const { RefCell::new((Vec::new(), Value::Nil)) };
+    /// Each configured slot's config, decoded once.
+    static CONFIGS: RefCell<Vec<Option<Value>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Makes the input buffer `len` bytes long and returns where it starts (0 for a negative
@@ -47,121 +49,43 @@ fn install_panic_hook() {
     });
 }
 
-/// Reads an ABI v1 input map into `event` and `config`, reusing their allocations: strings
-/// and payload maps are overwritten in place, and a config whose bytes equal `config.0` is not
-/// decoded again. Nothing is allocated per call in the steady state.
-pub fn read_call(bytes: &[u8], event: &mut Event, config: &mut (Vec<u8>, Value)) -> Result<(), String> {
-    let bad = |e: msgpack::DecodeError| format!("input is not MessagePack: {e}");
-    let mut r = msgpack::Reader { buf: bytes, pos: 0 };
-    let entries = r.read_map_len().map_err(bad)?.ok_or("input is not a map")?;
-    let (mut abi, mut have_event, mut have_config) = (None, false, false);
-    for _ in 0..entries {
-        let key = r.read_str().map_err(bad)?;
-        match key {
-            Some("abi") => {
-                let mut v = Value::Nil;
-                r.value_into(1, &mut v).map_err(bad)?;
-                abi = v.as_i64();
-            }
-            Some("event") => have_event = read_event(&mut r, event).map_err(bad)?,
-            Some("config") => {
-                let start = r.pos;
-                r.skip(1).map_err(bad)?;
-                let raw = &bytes[start..r.pos];
-                if raw != config.0.as_slice() {
-                    config.0.clear();
-                    config.0.extend_from_slice(raw);
-                    config.1 = match msgpack::decode(raw).map_err(bad)? {
-                        Value::Nil => Value::Map(Vec::new()),
-                        v => v,
-                    };
-                }
-                have_config = true;
-            }
-            _ => r.skip(1).map_err(bad)?,
-        }
-    }
-    if r.pos != bytes.len() {
-        return Err(bad(msgpack::DecodeError::Trailing));
-    }
-    if abi != Some(1) {
-        return Err(format!("input is for ABI {abi:?}; this plugin speaks ABI 1"));
-    }
-    if !have_event {
-        return Err("input has no valid `event`".to_string());
-    }
-    if !have_config {
-        config.0.clear();
-        config.1 = Value::Map(Vec::new());
-    }
-    Ok(())
+/// Reads the input of `signalops_configure`: `{"abi": 2, "config": map, "rule": map}`; the
+/// rule's config (an empty map when it has none).
+pub fn read_rule_input(bytes: &[u8]) -> Result<Value, String> {
+    let v = msgpack::decode(bytes).map_err(|e| format!("input is not MessagePack: {e}"))?;
+    check_abi(&v)?;
+    Ok(config_of(&v))
 }
 
-/// Reads the `event` map into `ev`; false when a required member is missing or mistyped.
-fn read_event(r: &mut msgpack::Reader<'_>, ev: &mut Event) -> Result<bool, msgpack::DecodeError> {
-    let n = match r.read_map_len()? {
-        Some(n) => n,
-        None => return Ok(false),
-    };
-    let mut seen = 0u8;
-    let mut tmp = Value::Nil;
-    for _ in 0..n {
-        let key = r.read_str()?;
-        let (field, bit): (Option<&mut String>, u8) = match key {
-            Some("id") => (Some(&mut ev.id), 1),
-            Some("tenant_id") => (Some(&mut ev.tenant_id), 2),
-            Some("type") => (Some(&mut ev.event_type), 4),
-            _ => (None, 0),
-        };
-        if let Some(field) = field {
-            if let Some(s) = r.read_str()? {
-                field.clear();
-                field.push_str(s);
-                seen |= bit;
-            }
-            continue;
-        }
-        match key {
-            Some("source") => read_opt_str(r, &mut ev.source)?,
-            Some("user_id") => read_opt_str(r, &mut ev.user_id)?,
-            Some("session_id") => read_opt_str(r, &mut ev.session_id)?,
-            Some("occurred_at_ms") | Some("received_at_ms") => {
-                r.value_into(2, &mut tmp)?;
-                if let Some(t) = tmp.as_i64() {
-                    if key == Some("occurred_at_ms") {
-                        ev.occurred_at_ms = t;
-                        seen |= 8;
-                    } else {
-                        ev.received_at_ms = t;
-                        seen |= 16;
-                    }
+/// Runs one `signalops_configure` call: keeps the config for `slot`. Returns 0, or 1 (after
+/// logging why) when the input cannot be read.
+pub fn configure(slot: i32, len: i32) -> i32 {
+    install_panic_hook();
+    let config = INPUT.with(|b| {
+        let b = b.borrow();
+        let n = (len.max(0) as usize).min(b.len());
+        read_rule_input(&b[..n])
+    });
+    match (usize::try_from(slot), config) {
+        (Ok(slot), Ok(config)) => {
+            CONFIGS.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() <= slot {
+                    c.resize(slot + 1, None);
                 }
-            }
-            Some("payload") => {
-                r.value_into(2, &mut ev.payload)?;
-                seen |= 32;
-            }
-            _ => r.skip(2)?,
+                c[slot] = Some(config);
+            });
+            0
+        }
+        (_, Err(e)) => {
+            crate::host::log(crate::host::Level::Error, &e);
+            1
+        }
+        (Err(_), _) => {
+            crate::host::log(crate::host::Level::Error, &format!("negative slot {slot}"));
+            1
         }
     }
-    if seen & 32 == 0 {
-        ev.payload = Value::Map(Vec::new());
-    }
-    Ok(seen & 31 == 31)
-}
-
-fn read_opt_str(r: &mut msgpack::Reader<'_>, slot: &mut Option<String>) -> Result<(), msgpack::DecodeError> {
-    match r.read_str()? {
-        Some(s) => match slot {
-            Some(old) => {
-                old.clear();
-                old.push_str(s);
-            }
-            None => *slot = Some(s.to_string()),
-        },
-        None => *slot = None,
-    }
-    Ok(())
 }
 
 /// Encodes a handler's result: the decision map, or `{"error": message}`.
@@ -178,8 +102,8 @@ pub fn encode_result(result: &Result<Decision, String>, out: &mut Vec<u8>) {
 
 fn check_abi(v: &Value) -> Result<(), String> {
     match v.get("abi").and_then(Value::as_i64) {
-        Some(1) => Ok(()),
-        other => Err(format!("input is for ABI {other:?}; this plugin speaks ABI 1")),
+        Some(2) => Ok(()),
+        other => Err(format!("input is for ABI {other:?}; this plugin speaks ABI 2")),
     }
 }
 
@@ -222,19 +146,15 @@ pub fn run_notifier(_ptr: i32, len: i32, handler: fn(&Notification, &Value) -> R
     })
 }
 
-/// Runs one `evaluate` call.
-pub fn run_rule(_ptr: i32, len: i32, handler: fn(&Event, &Value) -> Result<Decision, String>) -> i64 {
-    install_panic_hook();
-    let result = EVENT.with(|event| {
-        CONFIG.with(|config| {
-            let (mut event, mut config) = (event.borrow_mut(), config.borrow_mut());
-            INPUT.with(|b| {
-                let b = b.borrow();
-                let n = (len.max(0) as usize).min(b.len());
-                read_call(&b[..n], &mut event, &mut config)
-            })?;
-            handler(&event, &config.1)
-        })
+/// Runs one `evaluate` call for the rule configured in `slot`.
+pub fn run_rule(slot: i32, handler: fn(&Event, &Value) -> Result<Decision, String>) -> i64 {
+    // The panic hook was installed by `configure`, which the host calls before any `evaluate`.
+    let result = CONFIGS.with(|c| {
+        let c = c.borrow();
+        match usize::try_from(slot).ok().and_then(|s| c.get(s)).and_then(Option::as_ref) {
+            Some(config) => handler(&Event::current(), config),
+            None => Err(format!("slot {slot} was never configured")),
+        }
     });
     OUTPUT.with(|o| {
         let mut o = o.borrow_mut();
@@ -248,21 +168,8 @@ pub fn run_rule(_ptr: i32, len: i32, handler: fn(&Event, &Value) -> Result<Decis
 mod tests {
     use super::*;
 
-    /// The reference reader: the whole input decoded into a fresh tree.
-    struct Input {
-        event: Event,
-        config: Value,
-    }
-
-    fn parse_input(bytes: &[u8]) -> Result<Input, String> {
-        let v = msgpack::decode(bytes).map_err(|e| format!("input is not MessagePack: {e}"))?;
-        check_abi(&v)?;
-        let event = v.get("event").and_then(Event::from_value).ok_or("input has no valid `event`")?;
-        Ok(Input { event, config: config_of(&v) })
-    }
-
-    fn input(event: Value, config: Option<Value>) -> Vec<u8> {
-        let mut entries = vec![("abi", Value::Int(1)), ("event", event)];
+    fn rule_input(abi: i64, config: Option<Value>) -> Vec<u8> {
+        let mut entries = vec![("abi", Value::Int(abi))];
         if let Some(c) = config {
             entries.push(("config", c));
         }
@@ -272,53 +179,49 @@ mod tests {
         out
     }
 
-    fn event(id: &str, source: Option<&str>, payload: Value) -> Value {
-        Value::map(vec![
-            ("id", Value::from(id)),
-            ("tenant_id", Value::from("t")),
-            ("type", Value::from("payment.failed")),
-            ("source", source.map_or(Value::Nil, Value::from)),
-            ("user_id", Value::Nil),
-            ("session_id", Value::from("s")),
-            ("occurred_at_ms", Value::Int(1_700_000_000_000)),
-            ("received_at_ms", Value::Int(1_700_000_000_001)),
-            ("payload", payload),
-        ])
+    fn configure_with(slot: i32, bytes: &[u8]) -> i32 {
+        let ptr = input_buffer(bytes.len() as i32);
+        INPUT.with(|b| b.borrow_mut().copy_from_slice(bytes));
+        assert_ne!(ptr, 0);
+        configure(slot, bytes.len() as i32)
+    }
+
+    /// Echoes the slot's config back as the decision's title.
+    fn echo(_: &Event, config: &Value) -> Result<Decision, String> {
+        Ok(Decision::fire(config.to_json()))
+    }
+
+    fn output_of(packed: i64) -> Value {
+        let len = (packed & 0xffff_ffff) as usize;
+        OUTPUT.with(|o| {
+            let o = o.borrow();
+            msgpack::decode(&o[..len]).unwrap()
+        })
     }
 
     #[test]
-    fn reading_in_place_gives_what_a_fresh_decode_gives() {
-        let calls = [
-            input(event("a", Some("web"), Value::map(vec![("amount", Value::Float(10.5))])), None),
-            input(
-                event("b", None, Value::map(vec![("amount", Value::Int(7)), ("card", Value::from("4242"))])),
-                Some(Value::map(vec![("threshold", Value::Int(5))])),
-            ),
-            input(event("c", Some("api"), Value::Map(vec![])), Some(Value::map(vec![("threshold", Value::Int(5))]))),
-            input(event("d", None, Value::map(vec![("x", Value::Array(vec![Value::Nil]))])), Some(Value::Nil)),
-        ];
-        let mut ev = Event::new("", Value::Nil);
-        let mut config = (Vec::new(), Value::Nil);
-        for bytes in &calls {
-            let fresh = parse_input(bytes).unwrap();
-            read_call(bytes, &mut ev, &mut config).unwrap();
-            assert_eq!(ev, fresh.event);
-            assert_eq!(config.1, fresh.config);
-        }
+    fn each_slot_keeps_its_own_config() {
+        let a = Value::map(vec![("threshold", Value::Int(5))]);
+        let b = Value::map(vec![("threshold", Value::Int(7))]);
+        assert_eq!(configure_with(0, &rule_input(2, Some(a))), 0);
+        assert_eq!(configure_with(3, &rule_input(2, Some(b))), 0);
+        assert_eq!(configure_with(1, &rule_input(2, Some(Value::Nil))), 0);
+        let title = |slot| output_of(run_rule(slot, echo)).get("title").and_then(Value::as_str).map(str::to_string);
+        assert_eq!(title(0).as_deref(), Some("{\"threshold\":5}"));
+        assert_eq!(title(3).as_deref(), Some("{\"threshold\":7}"));
+        assert_eq!(title(1).as_deref(), Some("{}"), "no config is an empty map");
+        // Slot 2 was never configured: the call fails as the plugin's error.
+        let out = output_of(run_rule(2, echo));
+        assert_eq!(out.get("error").and_then(Value::as_str), Some("slot 2 was never configured"));
+        // Reconfiguring a slot replaces its config.
+        assert_eq!(configure_with(0, &rule_input(2, Some(Value::map(vec![("x", Value::Bool(true))])))), 0);
+        assert_eq!(title(0).as_deref(), Some("{\"x\":true}"));
     }
 
     #[test]
-    fn reading_in_place_refuses_what_parse_input_refuses() {
-        let mut ev = Event::new("", Value::Nil);
-        let mut config = (Vec::new(), Value::Nil);
-        let no_type = Value::map(vec![("id", Value::from("a")), ("tenant_id", Value::from("t"))]);
-        let mut v2 = Vec::new();
-        encode(&Value::map(vec![("abi", Value::Int(2)), ("event", event("a", None, Value::Nil))]), &mut v2);
-        let mut trailing = input(event("a", None, Value::Nil), None);
-        trailing.push(0xc0);
-        for bad in [input(no_type, None), v2, trailing, vec![0x81, 0xa3, b'a'], vec![0xc1]] {
-            assert!(parse_input(&bad).is_err());
-            assert!(read_call(&bad, &mut ev, &mut config).is_err(), "{bad:?}");
-        }
+    fn configure_refuses_other_versions_and_garbage() {
+        assert_eq!(configure_with(0, &rule_input(1, None)), 1);
+        assert_eq!(configure_with(0, &[0xc1]), 1);
+        assert_eq!(configure_with(-1, &rule_input(2, None)), 1);
     }
 }

@@ -1,6 +1,6 @@
 //! What a rule plugin answers for one event.
 
-use crate::msgpack::{encode, encode_str, Value};
+use crate::msgpack::{encode, encode_str, map_header, Value};
 
 /// Alert severities, as rules name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +74,7 @@ impl Decision {
         self.fire
     }
 
-    /// The output map of ABI v1.
+    /// The output map (ABI.md, "Output").
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let mut n = 1;
         n += self.severity.is_some() as u8;
@@ -94,13 +94,19 @@ impl Decision {
         }
         if !self.labels.is_empty() {
             encode_str("labels", out);
-            let m = self.labels.iter().map(|(k, v)| (Value::from(k.as_str()), Value::from(v.as_str()))).collect();
-            encode(&Value::Map(m), out);
+            map_header(self.labels.len(), out);
+            for (k, v) in &self.labels {
+                encode_str(k, out);
+                encode_str(v, out);
+            }
         }
         if !self.fields.is_empty() {
             encode_str("fields", out);
-            let m = self.fields.iter().map(|(k, v)| (Value::from(k.as_str()), v.clone())).collect();
-            encode(&Value::Map(m), out);
+            map_header(self.fields.len(), out);
+            for (k, v) in &self.fields {
+                encode_str(k, out);
+                encode(v, out);
+            }
         }
     }
 }

@@ -1,106 +1,195 @@
 //! The event a plugin evaluates.
+//!
+//! In a rule call, [`Event`] reads the event through the host (ABI v2 `event_get` and
+//! `event_number`): nothing is copied into the module until the plugin asks for it, and then
+//! only the value asked for. An event built by hand ([`Event::new`]) or handed to a notifier
+//! holds its values itself and answers the same questions the same way.
+//!
+//! Paths address the event map of ABI.md: `""` is the whole map, `type` or `occurred_at_ms` one
+//! member, `payload.card.country` a value inside the payload, where a segment of digits indexes
+//! an array.
 
+use std::cell::RefCell;
+
+use crate::host;
 use crate::msgpack::Value;
 
-/// One event, as the node hands it to a plugin. Timestamps are milliseconds since the Unix
-/// epoch.
+/// One event. Timestamps are milliseconds since the Unix epoch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    pub(crate) id: String,
-    pub(crate) tenant_id: String,
-    pub(crate) event_type: String,
-    pub(crate) source: Option<String>,
-    pub(crate) user_id: Option<String>,
-    pub(crate) session_id: Option<String>,
-    pub(crate) occurred_at_ms: i64,
-    pub(crate) received_at_ms: i64,
-    pub(crate) payload: Value,
+    /// The event map, for an event that holds its values; `None` for the event of the call in
+    /// progress, read through the host.
+    local: Option<Box<Value>>,
 }
 
-fn opt_str(v: Option<&Value>) -> Option<String> {
-    v.and_then(Value::as_str).map(str::to_string)
+thread_local! {
+    /// `payload.` + a field path, built without allocating on each call.
+    static PATH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// The value at `path` in an event map.
+fn lookup<'a>(map: &'a Value, path: &str) -> Option<&'a Value> {
+    if path.is_empty() {
+        return Some(map);
+    }
+    let mut v = map;
+    for seg in path.split('.') {
+        v = match v {
+            Value::Map(_) => v.get(seg)?,
+            Value::Array(items) if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) => {
+                items.get(seg.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+fn with_payload_path<R>(path: &str, f: impl FnOnce(&str) -> R) -> R {
+    PATH.with(|p| {
+        let mut p = p.borrow_mut();
+        p.clear();
+        p.push_str("payload.");
+        p.push_str(path);
+        f(&p)
+    })
 }
 
 impl Event {
-    /// Reads the `event` member of the input (see ABI.md).
+    /// The event of the rule call in progress.
+    pub(crate) fn current() -> Event {
+        Event { local: None }
+    }
+
+    /// An event map as the node encodes it (the `event` member of a notifier's input); `None`
+    /// when a required member is missing or mistyped.
     pub(crate) fn from_value(v: &Value) -> Option<Event> {
-        Some(Event {
-            id: v.get("id")?.as_str()?.to_string(),
-            tenant_id: v.get("tenant_id")?.as_str()?.to_string(),
-            event_type: v.get("type")?.as_str()?.to_string(),
-            source: opt_str(v.get("source")),
-            user_id: opt_str(v.get("user_id")),
-            session_id: opt_str(v.get("session_id")),
-            occurred_at_ms: v.get("occurred_at_ms")?.as_i64()?,
-            received_at_ms: v.get("received_at_ms")?.as_i64()?,
-            payload: v.get("payload").cloned().unwrap_or(Value::Map(Vec::new())),
-        })
+        for key in ["id", "tenant_id", "type"] {
+            v.get(key)?.as_str()?;
+        }
+        for key in ["occurred_at_ms", "received_at_ms"] {
+            v.get(key)?.as_i64()?;
+        }
+        let mut map = v.clone();
+        if map.get("payload").is_none() {
+            if let Value::Map(entries) = &mut map {
+                entries.push((Value::from("payload"), Value::Map(Vec::new())));
+            }
+        }
+        Some(Event { local: Some(Box::new(map)) })
     }
 
     /// Builds an event by hand (for a plugin's own unit tests).
     pub fn new(event_type: &str, payload: Value) -> Event {
-        Event {
-            id: String::from("test-event"),
-            tenant_id: String::from("test-tenant"),
-            event_type: event_type.to_string(),
-            source: None,
-            user_id: None,
-            session_id: None,
-            occurred_at_ms: 0,
-            received_at_ms: 0,
-            payload,
-        }
+        let map = Value::map(vec![
+            ("id", Value::from("test-event")),
+            ("tenant_id", Value::from("test-tenant")),
+            ("type", Value::from(event_type)),
+            ("source", Value::Nil),
+            ("user_id", Value::Nil),
+            ("session_id", Value::Nil),
+            ("occurred_at_ms", Value::Int(0)),
+            ("received_at_ms", Value::Int(0)),
+            ("payload", payload),
+        ]);
+        Event { local: Some(Box::new(map)) }
     }
 
     /// Sets the event time (for a plugin's own unit tests).
     pub fn at(mut self, occurred_at_ms: i64) -> Event {
-        self.occurred_at_ms = occurred_at_ms;
-        self.received_at_ms = occurred_at_ms;
+        if let Some(Value::Map(entries)) = self.local.as_deref_mut() {
+            for (k, v) in entries.iter_mut() {
+                if matches!(k.as_str(), Some("occurred_at_ms") | Some("received_at_ms")) {
+                    *v = Value::Int(occurred_at_ms);
+                }
+            }
+        }
         self
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
+    /// The whole event map this event stands for (for the host emulation of unit tests).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn to_map(&self) -> Value {
+        self.get("").unwrap_or(Value::Nil)
     }
 
-    pub fn tenant_id(&self) -> &str {
-        &self.tenant_id
+    /// The value at a path of the event map, e.g. `get("type")` or
+    /// `get("payload.card.country")`; `get("")` is the whole map.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        match &self.local {
+            Some(map) => lookup(map, path).cloned(),
+            None => host::event_get(path),
+        }
+    }
+
+    /// A number at a path of the event map (payload numbers and the two timestamps); `None`
+    /// for anything else. Cheaper than [`get`](Event::get): nothing is decoded.
+    pub fn get_number(&self, path: &str) -> Option<f64> {
+        match &self.local {
+            Some(map) => lookup(map, path).and_then(Value::as_f64),
+            None => host::event_number(path),
+        }
+    }
+
+    fn text(&self, path: &str) -> Option<String> {
+        match self.get(path)? {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn millis(&self, path: &str) -> i64 {
+        self.get_number(path).map_or(0, |n| n as i64)
+    }
+
+    pub fn id(&self) -> String {
+        self.text("id").unwrap_or_default()
+    }
+
+    pub fn tenant_id(&self) -> String {
+        self.text("tenant_id").unwrap_or_default()
     }
 
     /// The event type, e.g. `payment.failed`.
-    pub fn event_type(&self) -> &str {
-        &self.event_type
+    pub fn event_type(&self) -> String {
+        self.text("type").unwrap_or_default()
     }
 
-    pub fn source(&self) -> Option<&str> {
-        self.source.as_deref()
+    pub fn source(&self) -> Option<String> {
+        self.text("source")
     }
 
-    pub fn user_id(&self) -> Option<&str> {
-        self.user_id.as_deref()
+    pub fn user_id(&self) -> Option<String> {
+        self.text("user_id")
     }
 
-    pub fn session_id(&self) -> Option<&str> {
-        self.session_id.as_deref()
+    pub fn session_id(&self) -> Option<String> {
+        self.text("session_id")
     }
 
     /// When the producer says the event happened.
     pub fn occurred_at_ms(&self) -> i64 {
-        self.occurred_at_ms
+        self.millis("occurred_at_ms")
     }
 
     /// When a SignalOps node accepted the event.
     pub fn received_at_ms(&self) -> i64 {
-        self.received_at_ms
+        self.millis("received_at_ms")
     }
 
     /// The event's payload (a map).
-    pub fn payload(&self) -> &Value {
-        &self.payload
+    pub fn payload(&self) -> Value {
+        self.get("payload").unwrap_or(Value::Map(Vec::new()))
     }
 
     /// A payload field by dotted path, e.g. `field("card.country")`.
-    pub fn field(&self, path: &str) -> Option<&Value> {
-        self.payload.path(path)
+    pub fn field(&self, path: &str) -> Option<Value> {
+        with_payload_path(path, |p| self.get(p))
+    }
+
+    /// A numeric payload field by dotted path, e.g. `number("amount")`; `None` when the field
+    /// is missing or not a number. The cheapest way to read a number.
+    pub fn number(&self, path: &str) -> Option<f64> {
+        with_payload_path(path, |p| self.get_number(p))
     }
 }

@@ -1,4 +1,4 @@
-//! Helpers the node provides to plugins (the `signalops_v1` import module).
+//! Helpers the node provides to plugins (the `signalops_v2` import module).
 //!
 //! Window counters and key-value state belong to the tenant and the rule that runs the plugin:
 //! two rules using the same plugin, or two tenants, never see each other's. Changes a call makes
@@ -96,10 +96,50 @@ pub fn state_delete(key: &str) -> bool {
     imp::state_delete(key.as_bytes()) == 1
 }
 
+/// The value at `path` in the call's event map (see [`Event`](crate::Event)).
+pub(crate) fn event_get(path: &str) -> Option<crate::Value> {
+    imp::event_get(path.as_bytes(), |bytes| crate::msgpack::decode(bytes).ok())?
+}
+
+/// The number at `path` in the call's event map.
+pub(crate) fn event_number(path: &str) -> Option<f64> {
+    let n = imp::event_number(path.as_bytes());
+    if n.is_nan() {
+        None
+    } else {
+        Some(n)
+    }
+}
+
+/// Calls a host function that copies a value of unknown length into `buf` and returns its
+/// length (`-1`: no value); grows the buffer and calls again when the value did not fit.
+/// Leaves the value in `buf`; false when there is none.
+#[cfg(target_arch = "wasm32")]
+fn read_value(buf: &mut Vec<u8>, mut call: impl FnMut(&mut Vec<u8>) -> i32) -> bool {
+    buf.clear();
+    loop {
+        let n = call(buf);
+        if n < 0 {
+            return false;
+        }
+        let n = n as usize;
+        if n <= buf.capacity() {
+            // The host wrote `n` bytes into the buffer.
+            unsafe { buf.set_len(n) };
+            return true;
+        }
+        buf.reserve_exact(n);
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 mod imp {
-    #[link(wasm_import_module = "signalops_v1")]
+    #[link(wasm_import_module = "signalops_v2")]
     extern "C" {
+        #[link_name = "event_get"]
+        fn host_event_get(path_ptr: i32, path_len: i32, out_ptr: i32, out_cap: i32) -> i32;
+        #[link_name = "event_number"]
+        fn host_event_number(path_ptr: i32, path_len: i32) -> f64;
         #[link_name = "log"]
         fn host_log(level: i32, ptr: i32, len: i32);
         #[link_name = "now_ms"]
@@ -132,22 +172,39 @@ mod imp {
         unsafe { host_window_sum(key.as_ptr() as i32, key.len() as i32, seconds) }
     }
 
+    thread_local! {
+        /// Where `event_get` copies values; kept from call to call.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+    }
+
+    /// Reads the value at `path` into the scratch buffer and hands it to `f`.
+    pub fn event_get<R>(path: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            let found = super::read_value(&mut buf, |buf| unsafe {
+                host_event_get(path.as_ptr() as i32, path.len() as i32, buf.as_mut_ptr() as i32, buf.capacity() as i32)
+            });
+            if found {
+                Some(f(&buf))
+            } else {
+                None
+            }
+        })
+    }
+
+    pub fn event_number(path: &[u8]) -> f64 {
+        unsafe { host_event_number(path.as_ptr() as i32, path.len() as i32) }
+    }
+
     pub fn state_get(key: &[u8]) -> Option<Vec<u8>> {
-        let mut buf: Vec<u8> = Vec::with_capacity(256);
-        loop {
-            let n = unsafe {
-                host_state_get(key.as_ptr() as i32, key.len() as i32, buf.as_mut_ptr() as i32, buf.capacity() as i32)
-            };
-            if n < 0 {
-                return None;
-            }
-            let n = n as usize;
-            if n <= buf.capacity() {
-                // The host wrote `n` bytes into the buffer.
-                unsafe { buf.set_len(n) };
-                return Some(buf);
-            }
-            buf.reserve_exact(n);
+        let mut buf = Vec::with_capacity(256);
+        let found = super::read_value(&mut buf, |buf| unsafe {
+            host_state_get(key.as_ptr() as i32, key.len() as i32, buf.as_mut_ptr() as i32, buf.capacity() as i32)
+        });
+        if found {
+            Some(buf)
+        } else {
+            None
         }
     }
 
@@ -169,6 +226,8 @@ mod imp {
     #[derive(Default)]
     pub struct Emulation {
         pub now_ms: i64,
+        /// The event map of the call in progress.
+        pub event: Option<crate::Value>,
         pub logs: Vec<(i32, String)>,
         /// key → second → sum
         pub windows: HashMap<Vec<u8>, BTreeMap<i64, i64>>,
@@ -185,6 +244,22 @@ mod imp {
 
     pub fn now_ms() -> i64 {
         EMU.with(|e| e.borrow().now_ms)
+    }
+
+    fn event_value(path: &[u8]) -> Option<crate::Value> {
+        let path = std::str::from_utf8(path).ok()?;
+        let map = EMU.with(|e| e.borrow().event.clone())?;
+        crate::Event::from_value(&map)?.get(path)
+    }
+
+    pub fn event_get<R>(path: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let mut out = Vec::new();
+        crate::msgpack::encode(&event_value(path)?, &mut out);
+        Some(f(&out))
+    }
+
+    pub fn event_number(path: &[u8]) -> f64 {
+        event_value(path).and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
     }
 
     fn sum(buckets: &BTreeMap<i64, i64>, now_s: i64, seconds: i32) -> i64 {
@@ -250,13 +325,20 @@ pub mod testing {
         super::imp::EMU.with(|e| e.borrow().logs.clone())
     }
 
-    /// Runs a rule handler the way the node does: the host clock set to the event's time.
+    /// Runs a rule handler the way the node does: the host clock set to the event's time, and
+    /// the event read through the (emulated) host functions.
     pub fn evaluate(
         handler: fn(&crate::Event, &crate::Value) -> Result<crate::Decision, String>,
         event: &crate::Event,
         config: &crate::Value,
     ) -> Result<crate::Decision, String> {
-        super::imp::EMU.with(|e| e.borrow_mut().now_ms = event.occurred_at_ms());
-        handler(event, config)
+        super::imp::EMU.with(|e| {
+            let mut e = e.borrow_mut();
+            e.now_ms = event.occurred_at_ms();
+            e.event = Some(event.to_map());
+        });
+        let result = handler(&crate::Event::current(), config);
+        super::imp::EMU.with(|e| e.borrow_mut().event = None);
+        result
     }
 }

@@ -97,12 +97,34 @@ impl Value {
     pub fn to_key(&self) -> Option<String> {
         match self {
             Value::Str(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            Value::UInt(u) => Some(u.to_string()),
-            Value::Float(f) => Some(f.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            _ => None,
+            other => other.number_key(),
         }
+    }
+
+    /// Like [`to_key`](Value::to_key), but takes the string instead of copying it.
+    pub fn into_key(self) -> Option<String> {
+        match self {
+            Value::Str(s) => Some(s),
+            other => other.number_key(),
+        }
+    }
+
+    /// Numbers and booleans as text (numbers as `{}` writes them, without `core::fmt`).
+    fn number_key(&self) -> Option<String> {
+        let mut out = String::new();
+        match self {
+            Value::Int(i) => {
+                if *i < 0 {
+                    out.push('-');
+                }
+                crate::push_digits(&mut out, i.unsigned_abs(), 1);
+            }
+            Value::UInt(u) => crate::push_digits(&mut out, *u, 1),
+            Value::Float(f) => crate::push_number(&mut out, *f),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            _ => return None,
+        }
+        Some(out)
     }
 }
 
@@ -322,37 +344,6 @@ impl<'a> Reader<'a> {
         Ok((m, n))
     }
 
-    /// Reads a string value and returns it borrowed from the input.
-    pub(crate) fn read_str(&mut self) -> Result<Option<&'a str>, DecodeError> {
-        let start = self.pos;
-        let (m, n) = self.header()?;
-        match m {
-            0xa0..=0xbf | 0xd9..=0xdb => {
-                let b = self.take(n)?;
-                utf8(b).map(Some)
-            }
-            _ => {
-                self.pos = start;
-                self.skip(0)?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Reads a map header; `None` (with the value skipped) when the value is not a map.
-    pub(crate) fn read_map_len(&mut self) -> Result<Option<usize>, DecodeError> {
-        let start = self.pos;
-        let (m, n) = self.header()?;
-        match m {
-            0x80..=0x8f | 0xde | 0xdf => Ok(Some(n)),
-            _ => {
-                self.pos = start;
-                self.skip(0)?;
-                Ok(None)
-            }
-        }
-    }
-
     /// Steps over one value.
     pub(crate) fn skip(&mut self, depth: usize) -> Result<(), DecodeError> {
         if depth > MAX_DEPTH {
@@ -543,6 +534,11 @@ pub fn encode(v: &Value, out: &mut Vec<u8>) {
             }
         }
     }
+}
+
+/// Writes the header of a map of `len` entries (its keys and values follow).
+pub fn map_header(len: usize, out: &mut Vec<u8>) {
+    header(out, len, Some(0x80), [0xde, 0xde, 0xdf]);
 }
 
 /// Encodes a string.

@@ -531,7 +531,8 @@ impl Notifier {
             (p.id, parse_digest(&v.sha256).ok_or_else(|| format!("notifier `{plugin}` has a corrupt digest"))?)
         };
         crate::plugins::store::ensure_loaded(&self.plugins.runtime, &self.plugins.modules, tenant, &digest).await?;
-        let input = render_input(job, channel, config, message, event, wid)
+        let abi = self.plugins.runtime.module(&digest).map_or(1, |m| crate::plugins::Abi::of(&m).number());
+        let input = render_input(abi, job, channel, config, message, event, wid)
             .map_err(|e| format!("cannot encode the notifier input: {e}"))?;
         // Waiting for the host happens here, not in a blocking thread: one notifier call at a
         // time occupies the blocking pool, whatever the number of deliveries waiting.
@@ -550,7 +551,7 @@ impl Notifier {
             }),
             Err(f) => crate::plugins::Outcome::Failure(f.clone()),
         };
-        let report = CallReport { outcome, fuel_used, micros: started.elapsed().as_micros() as u64, logs };
+        let report = CallReport::new(outcome, fuel_used, started.elapsed(), logs);
         // Notifier calls show in the plugin's health; failures do not disable the plugin (the
         // channel's retries and disabling apply).
         self.plugins.stats.record(tenant, plugin_id, &report, now_ms(), u32::MAX);
@@ -634,6 +635,7 @@ fn payload(job: &Job, message: &Message) -> Vec<u8> {
 
 /// The input map of a notifier's `render` (see ABI.md, "Notifier plugins").
 fn render_input(
+    abi: i32,
     job: &Job,
     channel: &Channel,
     config: &Value,
@@ -661,7 +663,7 @@ fn render_input(
         })
     });
     let input = json!({
-        "abi": 1,
+        "abi": abi,
         "type": job.transition.event_type(),
         "alert": alert,
         "message": {"title": message.title, "body": message.body},

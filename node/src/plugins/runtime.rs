@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,6 +19,7 @@ use wasmtime::{
     ValType,
 };
 
+use super::guest_event;
 use super::registry::PluginKind;
 use super::state::{PluginState, StateLimits};
 use crate::config::PluginsConfig;
@@ -29,13 +29,83 @@ use crate::rules::spec::Severity;
 /// SHA-256 of a module's bytes: its identity in caches and the object store.
 pub type Digest = [u8; 32];
 
-/// The import namespace of ABI v1.
-pub const IMPORT_MODULE: &str = "signalops_v1";
-/// The export that marks a module as ABI v1 (returns 1).
-pub const ABI_MARKER: &str = "signalops_abi_v1";
-pub const ABI_VERSION: i32 = 1;
+/// The ABI versions this node runs (see `sdk/ABI.md`). A module's version is the marker it
+/// exports (`signalops_abi_v2` or `signalops_abi_v1`); its imports come from that version's
+/// namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abi {
+    /// The whole event and the rule's config encoded into every call's input.
+    V1,
+    /// Each rule's config handed over once per instance (`signalops_configure`); the event
+    /// read through host functions, only the fields the plugin asks for.
+    V2,
+}
 
-/// Host functions of ABI v1: name, parameter types, result types (`i` = i32, `I` = i64).
+impl Abi {
+    pub fn number(self) -> i32 {
+        match self {
+            Abi::V1 => 1,
+            Abi::V2 => 2,
+        }
+    }
+
+    /// The import namespace.
+    pub fn namespace(self) -> &'static str {
+        match self {
+            Abi::V1 => "signalops_v1",
+            Abi::V2 => "signalops_v2",
+        }
+    }
+
+    /// The export that marks the version (returns [`Abi::number`]).
+    pub fn marker(self) -> &'static str {
+        match self {
+            Abi::V1 => "signalops_abi_v1",
+            Abi::V2 => "signalops_abi_v2",
+        }
+    }
+
+    /// A module's version, by its marker export (a module without one is checked as v1, so
+    /// the missing marker is what the upload reports).
+    pub fn of(module: &Module) -> Abi {
+        match module.get_export(Abi::V2.marker()) {
+            Some(_) => Abi::V2,
+            None => Abi::V1,
+        }
+    }
+
+    /// Host functions: name, parameter types, result types (`i` = i32, `I` = i64, `F` = f64).
+    fn imports(self) -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
+        let extra: &[_] = match self {
+            Abi::V1 => &[],
+            Abi::V2 => EVENT_IMPORTS,
+        };
+        IMPORTS.iter().chain(extra)
+    }
+
+    /// The exports a module of this version and kind must have: name, parameters, results.
+    fn exports(self, kind: PluginKind) -> &'static [(&'static str, &'static str, &'static str)] {
+        match (self, kind) {
+            (Abi::V1, PluginKind::Rule) => {
+                &[("signalops_abi_v1", "", "i"), ("signalops_alloc", "i", "i"), ("evaluate", "ii", "I")]
+            }
+            (Abi::V1, PluginKind::Notifier) => {
+                &[("signalops_abi_v1", "", "i"), ("signalops_alloc", "i", "i"), ("render", "ii", "I")]
+            }
+            (Abi::V2, PluginKind::Rule) => &[
+                ("signalops_abi_v2", "", "i"),
+                ("signalops_alloc", "i", "i"),
+                ("signalops_configure", "iii", "i"),
+                ("evaluate", "i", "I"),
+            ],
+            (Abi::V2, PluginKind::Notifier) => {
+                &[("signalops_abi_v2", "", "i"), ("signalops_alloc", "i", "i"), ("render", "ii", "I")]
+            }
+        }
+    }
+}
+
+/// Host functions of every ABI version.
 const IMPORTS: &[(&str, &str, &str)] = &[
     ("log", "iii", ""),
     ("now_ms", "", "I"),
@@ -46,12 +116,8 @@ const IMPORTS: &[(&str, &str, &str)] = &[
     ("state_delete", "ii", "i"),
 ];
 
-/// Exports every rule plugin has: name, parameters, results.
-const RULE_EXPORTS: &[(&str, &str, &str)] =
-    &[(ABI_MARKER, "", "i"), ("signalops_alloc", "i", "i"), ("evaluate", "ii", "I")];
-/// Exports every notifier plugin has.
-const NOTIFIER_EXPORTS: &[(&str, &str, &str)] =
-    &[(ABI_MARKER, "", "i"), ("signalops_alloc", "i", "i"), ("render", "ii", "I")];
+/// Host functions added by ABI v2: the event, read by path.
+const EVENT_IMPORTS: &[(&str, &str, &str)] = &[("event_get", "iiii", "i"), ("event_number", "ii", "F")];
 
 /// What a module is, by its entry point: `evaluate` makes a rule plugin, `render` a notifier.
 pub fn kind_of(module: &Module) -> Option<PluginKind> {
@@ -59,13 +125,6 @@ pub fn kind_of(module: &Module) -> Option<PluginKind> {
         (true, false) => Some(PluginKind::Rule),
         (false, true) => Some(PluginKind::Notifier),
         _ => None,
-    }
-}
-
-fn entry_name(kind: PluginKind) -> &'static str {
-    match kind {
-        PluginKind::Rule => "evaluate",
-        PluginKind::Notifier => "render",
     }
 }
 
@@ -171,7 +230,17 @@ pub struct CallReport {
     pub outcome: Outcome,
     pub fuel_used: u64,
     pub micros: u64,
+    /// The same time in nanoseconds (health percentiles of calls well under a microsecond).
+    #[serde(skip)]
+    pub nanos: u64,
     pub logs: Vec<LogLine>,
+}
+
+impl CallReport {
+    pub fn new(outcome: Outcome, fuel_used: u64, took: std::time::Duration, logs: Vec<LogLine>) -> CallReport {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        CallReport { outcome, fuel_used, micros: nanos / 1000, nanos, logs }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -220,6 +289,36 @@ pub struct HostCtx {
     memory: Option<Memory>,
     memory_denied: bool,
     limits: Limits,
+    /// The event of the rule call in progress (ABI v2 `event_get` / `event_number`).
+    event: CallEvent,
+    /// Where `event_get` encodes a value before copying it into the module's memory.
+    scratch: Vec<u8>,
+}
+
+/// The event a rule plugin's call is about, for the host functions that read it. It is a
+/// pointer because the store's data must be `'static` while the event is only borrowed for
+/// the call: [`PluginHost::evaluate`] sets it from its `&EventRecord` before it enters the
+/// module and clears it before it returns, and every other entry into a module (instantiation,
+/// `render`) clears it first.
+#[derive(Default)]
+struct CallEvent(Option<std::ptr::NonNull<EventRecord>>);
+
+// SAFETY: the pointer is only dereferenced by host functions, which run on the thread that
+// called into the module, during `PluginHost::evaluate`, while the event it points to is
+// borrowed by that call.
+#[allow(unsafe_code)]
+unsafe impl Send for CallEvent {}
+
+impl CallEvent {
+    fn set(&mut self, ev: Option<&EventRecord>) {
+        self.0 = ev.map(std::ptr::NonNull::from);
+    }
+
+    fn get(&self) -> Option<&EventRecord> {
+        // SAFETY: see the type's docs: set only for the span of the call that borrows it.
+        #[allow(unsafe_code)]
+        self.0.map(|p| unsafe { p.as_ref() })
+    }
 }
 
 impl ResourceLimiter for HostCtx {
@@ -302,7 +401,16 @@ fn charge(caller: &mut Caller<'_, HostCtx>, bytes: usize) -> wasmtime::Result<()
 
 fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
     let mut l = Linker::new(engine);
-    l.func_wrap(IMPORT_MODULE, "log", |mut c: Caller<'_, HostCtx>, level: i32, ptr: i32, len: i32| {
+    for abi in [Abi::V1, Abi::V2] {
+        define_host_functions(&mut l, abi.namespace())?;
+    }
+    define_event_functions(&mut l, Abi::V2.namespace())?;
+    Ok(l)
+}
+
+/// The host functions every ABI version has, in namespace `ns`.
+fn define_host_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result<()> {
+    l.func_wrap(ns, "log", |mut c: Caller<'_, HostCtx>, level: i32, ptr: i32, len: i32| {
         charge(&mut c, len.max(0) as usize)?;
         let cap = c.data().limits.max_log_line_bytes;
         with_guest_bytes(&mut c, ptr, len.min(cap as i32), |bytes, ctx| {
@@ -319,24 +427,20 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
             }
         })
     })?;
-    l.func_wrap(IMPORT_MODULE, "now_ms", |c: Caller<'_, HostCtx>| c.data().now_ms)?;
-    l.func_wrap(
-        IMPORT_MODULE,
-        "window_add",
-        |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32, delta: i64| {
-            charge(&mut c, kl.max(0) as usize)?;
-            with_guest_bytes(&mut c, kp, kl, |key, ctx| {
-                let limits = ctx.limits.state;
-                ctx.state.window_add(key, ctx.now_ms, seconds as i64, delta, limits)
-            })
-        },
-    )?;
-    l.func_wrap(IMPORT_MODULE, "window_sum", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32| {
+    l.func_wrap(ns, "now_ms", |c: Caller<'_, HostCtx>| c.data().now_ms)?;
+    l.func_wrap(ns, "window_add", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32, delta: i64| {
+        charge(&mut c, kl.max(0) as usize)?;
+        with_guest_bytes(&mut c, kp, kl, |key, ctx| {
+            let limits = ctx.limits.state;
+            ctx.state.window_add(key, ctx.now_ms, seconds as i64, delta, limits)
+        })
+    })?;
+    l.func_wrap(ns, "window_sum", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, seconds: i32| {
         charge(&mut c, kl.max(0) as usize)?;
         with_guest_bytes(&mut c, kp, kl, |key, ctx| ctx.state.window_sum(key, ctx.now_ms, seconds as i64))
     })?;
     l.func_wrap(
-        IMPORT_MODULE,
+        ns,
         "state_get",
         |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, out: i32, cap: i32| -> wasmtime::Result<i32> {
             charge(&mut c, kl.max(0) as usize)?;
@@ -352,7 +456,7 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
         },
     )?;
     l.func_wrap(
-        IMPORT_MODULE,
+        ns,
         "state_set",
         |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32, vp: i32, vl: i32| -> wasmtime::Result<i32> {
             charge(&mut c, (kl.max(0) as usize).saturating_add(vl.max(0) as usize))?;
@@ -366,11 +470,53 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
             })
         },
     )?;
-    l.func_wrap(IMPORT_MODULE, "state_delete", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32| {
+    l.func_wrap(ns, "state_delete", |mut c: Caller<'_, HostCtx>, kp: i32, kl: i32| {
         charge(&mut c, kl.max(0) as usize)?;
         with_guest_bytes(&mut c, kp, kl, |key, ctx| ctx.state.state_delete(key) as i32)
     })?;
-    Ok(l)
+    Ok(())
+}
+
+/// ABI v2's event accessors, in namespace `ns`. A path that is not UTF-8 finds nothing.
+fn define_event_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result<()> {
+    l.func_wrap(
+        ns,
+        "event_get",
+        |mut c: Caller<'_, HostCtx>, pp: i32, pl: i32, out: i32, cap: i32| -> wasmtime::Result<i32> {
+            charge(&mut c, pl.max(0) as usize)?;
+            let found = with_guest_bytes(&mut c, pp, pl, |path, ctx| {
+                ctx.scratch.clear();
+                let ev = ctx.event.get();
+                let found = std::str::from_utf8(path).ok().zip(ev).and_then(|(p, ev)| guest_event::lookup(ev, p));
+                found.map(|v| v.encode(&mut ctx.scratch)).is_some()
+            })?;
+            if !found {
+                return Ok(-1);
+            }
+            let len = c.data().scratch.len();
+            if len <= cap.max(0) as usize {
+                charge(&mut c, len)?;
+                let mem = guest_memory(&mut c)?;
+                let (data, ctx) = mem.data_and_store_mut(&mut c);
+                let start = out as u32 as usize;
+                let Some(dst) = start.checked_add(len).and_then(|end| data.get_mut(start..end)) else {
+                    return Err(wasmtime::Error::msg(format!("event_get into out-of-bounds buffer {out}+{cap}")));
+                };
+                dst.copy_from_slice(&ctx.scratch);
+            }
+            // An event is at most the ingest size limit, far below 2 GiB.
+            Ok(i32::try_from(len).unwrap_or(i32::MAX))
+        },
+    )?;
+    l.func_wrap(ns, "event_number", |mut c: Caller<'_, HostCtx>, pp: i32, pl: i32| -> wasmtime::Result<f64> {
+        charge(&mut c, pl.max(0) as usize)?;
+        with_guest_bytes(&mut c, pp, pl, |path, ctx| {
+            let ev = ctx.event.get();
+            let found = std::str::from_utf8(path).ok().zip(ev).and_then(|(p, ev)| guest_event::lookup(ev, p));
+            found.map_or(f64::NAN, |v| v.number())
+        })
+    })?;
+    Ok(())
 }
 
 /// A module that passed validation.
@@ -431,12 +577,13 @@ impl PluginRuntime {
         let module = Module::new(&self.engine, bytes)
             .map_err(|e| Rejection::new(422, "invalid_module", format!("the module does not validate: {e:#}")))?;
         let kind = check_interface(&module)?;
+        let abi = Abi::of(&module);
         // Instantiate once: runs the start function under the limits and checks the marker.
         let mut store = self.new_store();
         let version = (|| -> wasmtime::Result<i32> {
             store.set_fuel(self.limits.fuel_per_call)?;
             let instance = self.linker.instantiate(&mut store, &module)?;
-            let marker = instance.get_typed_func::<(), i32>(&mut store, ABI_MARKER)?;
+            let marker = instance.get_typed_func::<(), i32>(&mut store, abi.marker())?;
             marker.call(&mut store, ())
         })()
         .map_err(|e| {
@@ -447,11 +594,16 @@ impl PluginRuntime {
                 format!("the module fails to start ({}): {}", f.kind.as_str(), f.message),
             )
         })?;
-        if version != ABI_VERSION {
+        if version != abi.number() {
             return Err(Rejection::new(
                 422,
                 "abi_version",
-                format!("`{ABI_MARKER}` returns {version}; this node speaks ABI {ABI_VERSION}"),
+                format!(
+                    "`{}` returns {version}; this node speaks ABI {} and {}",
+                    abi.marker(),
+                    Abi::V1.number(),
+                    Abi::V2.number()
+                ),
             ));
         }
         if let Ok(mut m) = self.modules.lock() {
@@ -469,6 +621,8 @@ impl PluginRuntime {
             memory: None,
             memory_denied: false,
             limits: self.limits,
+            event: CallEvent::default(),
+            scratch: Vec::new(),
         };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|c| c as &mut dyn ResourceLimiter);
@@ -476,19 +630,26 @@ impl PluginRuntime {
     }
 }
 
-/// Checks imports and exports against ABI v1; the entry point decides the module's kind.
+/// Checks imports and exports against the module's ABI version; the entry point decides the
+/// module's kind.
 fn check_interface(module: &Module) -> Result<PluginKind, Rejection> {
+    let abi = Abi::of(module);
+    let ns = abi.namespace();
     for imp in module.imports() {
         let what = format!("{}.{}", imp.module(), imp.name());
-        if imp.module() != IMPORT_MODULE {
+        if imp.module() != ns {
             return Err(Rejection::new(
                 422,
                 "forbidden_import",
-                format!("the module imports `{what}`; plugins may import only from `{IMPORT_MODULE}` (no WASI, no host access)"),
+                format!("the module imports `{what}`; plugins of ABI v{} may import only from `{ns}` (no WASI, no host access)", abi.number()),
             ));
         }
-        let Some((_, p, r)) = IMPORTS.iter().find(|(n, _, _)| *n == imp.name()) else {
-            return Err(Rejection::new(422, "forbidden_import", format!("`{what}` is not a host function of ABI v1")));
+        let Some((_, p, r)) = abi.imports().find(|(n, _, _)| *n == imp.name()) else {
+            return Err(Rejection::new(
+                422,
+                "forbidden_import",
+                format!("`{what}` is not a host function of ABI v{}", abi.number()),
+            ));
         };
         let ExternType::Func(ft) = imp.ty() else {
             return Err(Rejection::new(422, "forbidden_import", format!("`{what}` must be imported as a function")));
@@ -518,11 +679,7 @@ fn check_interface(module: &Module) -> Result<PluginKind, Rejection> {
             "the module must export exactly one entry point: `evaluate` (a rule plugin, built with `export_rule!`) or `render` (a notifier, built with `export_notifier!`)",
         ));
     };
-    let exports = match kind {
-        PluginKind::Rule => RULE_EXPORTS,
-        PluginKind::Notifier => NOTIFIER_EXPORTS,
-    };
-    for (name, p, r) in exports {
+    for (name, p, r) in abi.exports(kind) {
         match module.get_export(name) {
             Some(ExternType::Func(ft)) if sig(ft.params(), ft.results()) == (p.to_string(), r.to_string()) => {}
             Some(_) => {
@@ -556,8 +713,26 @@ struct Live {
     store: Store<HostCtx>,
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
-    /// `evaluate` or `render`.
-    entry: TypedFunc<(i32, i32), i64>,
+    entry: Entry,
+}
+
+/// How a live instance is called.
+enum Entry {
+    /// `evaluate` (ABI v1) or `render` (both versions): the whole input in a buffer.
+    Buffer(TypedFunc<(i32, i32), i64>),
+    /// ABI v2 `evaluate(slot)`, after `signalops_configure` gave the slot its rule and config.
+    Slots {
+        configure: TypedFunc<(i32, i32, i32), i32>,
+        evaluate: TypedFunc<i32, i64>,
+        slots: foldhash::HashMap<uuid::Uuid, Slot>,
+    },
+}
+
+/// What an ABI v2 instance was told about one rule.
+struct Slot {
+    index: i32,
+    version: u32,
+    config: Vec<u8>,
 }
 
 /// What a call is about.
@@ -574,14 +749,14 @@ pub struct CallInput<'a> {
 /// The plugin instances of one partition engine (or one test run): calls are sequential.
 pub struct PluginHost {
     runtime: Arc<PluginRuntime>,
-    instances: HashMap<(TenantId, Digest), Live>,
+    instances: foldhash::HashMap<(TenantId, Digest), Live>,
     buf: Vec<u8>,
     keep_logs: bool,
 }
 
 impl PluginHost {
     pub fn new(runtime: Arc<PluginRuntime>) -> PluginHost {
-        PluginHost { runtime, instances: HashMap::new(), buf: Vec::new(), keep_logs: true }
+        PluginHost { runtime, instances: foldhash::HashMap::default(), buf: Vec::new(), keep_logs: true }
     }
 
     /// Whether calls keep the lines plugins log (on by default). A partition owner turns it
@@ -594,50 +769,6 @@ impl PluginHost {
         &self.runtime
     }
 
-    fn instantiate(&self, module: &Module) -> Result<Live, Failure> {
-        let mut store = self.runtime.new_store();
-        let Some(kind) = kind_of(module) else {
-            return Err(failure(FailureKind::Unavailable, "the module has no entry point"));
-        };
-        type Parts = (Memory, TypedFunc<i32, i32>, TypedFunc<(i32, i32), i64>);
-        let r = (|| -> wasmtime::Result<Parts> {
-            store.set_fuel(self.runtime.limits.fuel_per_call)?;
-            let instance: Instance = self.runtime.linker.instantiate(&mut store, module)?;
-            let memory = instance
-                .get_memory(&mut store, "memory")
-                .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
-            let alloc = instance.get_typed_func::<i32, i32>(&mut store, "signalops_alloc")?;
-            let entry = instance.get_typed_func::<(i32, i32), i64>(&mut store, entry_name(kind))?;
-            Ok((memory, alloc, entry))
-        })();
-        match r {
-            Ok((memory, alloc, entry)) => {
-                store.data_mut().memory = Some(memory);
-                Ok(Live { store, memory, alloc, entry })
-            }
-            Err(e) => Err(classify(&e, store.data().memory_denied)),
-        }
-    }
-
-    /// The live instance of a tenant's module, created when needed (within the instance limit).
-    fn live(&mut self, key: (TenantId, Digest)) -> Result<&mut Live, (Failure, u64)> {
-        let limits = self.runtime.limits;
-        if !self.instances.contains_key(&key) {
-            let Some(module) = self.runtime.module(&key.1) else {
-                return Err((failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"), 0));
-            };
-            let live = self.instantiate(&module).map_err(|f| (f, limits.fuel_per_call))?;
-            if self.instances.len() >= limits.max_instances {
-                // Bounded: drop an arbitrary instance; it is rebuilt when needed.
-                if let Some(k) = self.instances.keys().next().copied() {
-                    self.instances.remove(&k);
-                }
-            }
-            self.instances.insert(key, live);
-        }
-        self.instances.get_mut(&key).ok_or_else(|| (failure(FailureKind::Unavailable, "no instance"), 0))
-    }
-
     /// Calls a notifier plugin's `render` with an encoded input (see `notify::plugin`). A
     /// notifier has no state: host state calls see an empty state that the call drops.
     pub fn render(
@@ -648,7 +779,7 @@ impl PluginHost {
     ) -> (Result<PluginRequest, Failure>, u64, Vec<LogLine>) {
         let limits = self.runtime.limits;
         let key = (tenant, *digest);
-        let live = match self.live(key) {
+        let live = match live_instance(&self.runtime, &mut self.instances, key) {
             Ok(l) => l,
             Err((f, fuel)) => return (Err(f), fuel, Vec::new()),
         };
@@ -658,8 +789,9 @@ impl PluginHost {
             ctx.now_ms = 0;
             ctx.logs.clear();
             ctx.memory_denied = false;
+            ctx.event.set(None);
         }
-        let result = call(live, input, limits, decode_request);
+        let result = call_buffer(live, input, limits).and_then(decode_request);
         let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let logs = std::mem::take(&mut live.store.data_mut().logs);
         live.store.data_mut().state = PluginState::default();
@@ -678,25 +810,32 @@ impl PluginHost {
         state: &mut PluginState,
         input: &CallInput<'_>,
     ) -> CallReport {
-        let started = Instant::now();
+        let started = quanta::Instant::now();
         let limits = self.runtime.limits;
         let key = (tenant, *digest);
-        if let Err((f, fuel)) = self.live(key) {
-            return report(Outcome::Failure(f), fuel, started, Vec::new());
-        }
-        encode_input(&mut self.buf, input);
-        let Some(live) = self.instances.get_mut(&key) else {
-            return report(Outcome::Failure(failure(FailureKind::Unavailable, "no instance")), 0, started, Vec::new());
+        let keep_logs = self.keep_logs;
+        let buf = &mut self.buf;
+        let live = match live_instance(&self.runtime, &mut self.instances, key) {
+            Ok(live) => live,
+            Err((f, fuel)) => return report(Outcome::Failure(f), fuel, started, Vec::new()),
         };
         std::mem::swap(&mut live.store.data_mut().state, state);
         {
             let ctx = live.store.data_mut();
             ctx.now_ms = input.time_ms;
-            ctx.keep_logs = self.keep_logs;
+            ctx.keep_logs = keep_logs;
             ctx.logs.clear();
             ctx.memory_denied = false;
+            ctx.event.set(Some(input.event));
         }
-        let result = call(live, &self.buf, limits, decode_output);
+        let result = match live.entry {
+            Entry::Buffer(_) => {
+                encode_input(buf, input);
+                call_buffer(live, buf, limits).and_then(decode_output)
+            }
+            Entry::Slots { .. } => call_slot(live, input, buf, limits).and_then(decode_output),
+        };
+        live.store.data_mut().event.set(None);
         let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let logs = std::mem::take(&mut live.store.data_mut().logs);
         std::mem::swap(&mut live.store.data_mut().state, state);
@@ -726,30 +865,142 @@ impl PluginHost {
     }
 }
 
-fn report(outcome: Outcome, fuel_used: u64, started: Instant, logs: Vec<LogLine>) -> CallReport {
-    CallReport { outcome, fuel_used, micros: started.elapsed().as_micros() as u64, logs }
+/// The live instance of a tenant's module, created when needed (within the instance limit).
+fn live_instance<'a>(
+    runtime: &PluginRuntime,
+    instances: &'a mut foldhash::HashMap<(TenantId, Digest), Live>,
+    key: (TenantId, Digest),
+) -> Result<&'a mut Live, (Failure, u64)> {
+    let limits = runtime.limits;
+    if !instances.contains_key(&key) {
+        let Some(module) = runtime.module(&key.1) else {
+            return Err((failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"), 0));
+        };
+        let live = instantiate(runtime, &module).map_err(|f| (f, limits.fuel_per_call))?;
+        if instances.len() >= limits.max_instances {
+            // Bounded: drop an arbitrary instance; it is rebuilt when needed.
+            if let Some(k) = instances.keys().next().copied() {
+                instances.remove(&k);
+            }
+        }
+        instances.insert(key, live);
+    }
+    instances.get_mut(&key).ok_or_else(|| (failure(FailureKind::Unavailable, "no instance"), 0))
 }
 
-fn call<T>(
-    live: &mut Live,
-    input: &[u8],
-    limits: Limits,
-    decode: impl FnOnce(&[u8]) -> Result<T, Failure>,
-) -> Result<T, Failure> {
-    let store = &mut live.store;
-    let run = (|| -> wasmtime::Result<i64> {
-        store.set_fuel(limits.fuel_per_call)?;
-        let len = i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
-        let ptr = live.alloc.call(&mut *store, len)?;
-        live.memory.write(&mut *store, ptr as u32 as usize, input).map_err(|_| {
-            wasmtime::Error::msg(format!("signalops_alloc returned an out-of-bounds buffer {ptr}+{len}"))
-        })?;
-        live.entry.call(&mut *store, (ptr, len))
-    })();
-    let packed = match run {
-        Ok(p) => p,
-        Err(e) => return Err(classify(&e, store.data().memory_denied)),
+fn instantiate(runtime: &PluginRuntime, module: &Module) -> Result<Live, Failure> {
+    let mut store = runtime.new_store();
+    let Some(kind) = kind_of(module) else {
+        return Err(failure(FailureKind::Unavailable, "the module has no entry point"));
     };
+    let abi = Abi::of(module);
+    let r = (|| -> wasmtime::Result<(Memory, TypedFunc<i32, i32>, Entry)> {
+        store.set_fuel(runtime.limits.fuel_per_call)?;
+        let instance: Instance = runtime.linker.instantiate(&mut store, module)?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| wasmtime::Error::msg("module has no memory export"))?;
+        let alloc = instance.get_typed_func::<i32, i32>(&mut store, "signalops_alloc")?;
+        let entry = match (abi, kind) {
+            (Abi::V2, PluginKind::Rule) => Entry::Slots {
+                configure: instance.get_typed_func(&mut store, "signalops_configure")?,
+                evaluate: instance.get_typed_func(&mut store, "evaluate")?,
+                slots: foldhash::HashMap::default(),
+            },
+            (_, PluginKind::Rule) => Entry::Buffer(instance.get_typed_func(&mut store, "evaluate")?),
+            (_, PluginKind::Notifier) => Entry::Buffer(instance.get_typed_func(&mut store, "render")?),
+        };
+        Ok((memory, alloc, entry))
+    })();
+    match r {
+        Ok((memory, alloc, entry)) => {
+            store.data_mut().memory = Some(memory);
+            Ok(Live { store, memory, alloc, entry })
+        }
+        Err(e) => Err(classify(&e, store.data().memory_denied)),
+    }
+}
+
+fn report(outcome: Outcome, fuel_used: u64, started: quanta::Instant, logs: Vec<LogLine>) -> CallReport {
+    CallReport::new(outcome, fuel_used, started.elapsed(), logs)
+}
+
+/// Writes `input` into a buffer the module allocates; returns its address.
+fn write_input(live: &mut Live, input: &[u8]) -> wasmtime::Result<i32> {
+    let len = i32::try_from(input.len()).map_err(|_| wasmtime::Error::msg("input too large"))?;
+    let ptr = live.alloc.call(&mut live.store, len)?;
+    live.memory
+        .write(&mut live.store, ptr as u32 as usize, input)
+        .map_err(|_| wasmtime::Error::msg(format!("signalops_alloc returned an out-of-bounds buffer {ptr}+{len}")))?;
+    Ok(ptr)
+}
+
+/// One call with the whole input in a buffer (ABI v1 `evaluate`, `render`); the output's bytes.
+fn call_buffer<'a>(live: &'a mut Live, input: &[u8], limits: Limits) -> Result<&'a [u8], Failure> {
+    let run = (|| -> wasmtime::Result<i64> {
+        live.store.set_fuel(limits.fuel_per_call)?;
+        let ptr = write_input(live, input)?;
+        let Entry::Buffer(entry) = &live.entry else {
+            return Err(wasmtime::Error::msg("the module's entry point takes no input buffer"));
+        };
+        entry.call(&mut live.store, (ptr, input.len() as i32))
+    })();
+    match run {
+        Ok(packed) => output(live, packed, limits),
+        Err(e) => Err(classify(&e, live.store.data().memory_denied)),
+    }
+}
+
+/// One ABI v2 `evaluate(slot)`: the rule's slot is configured first if this instance has not
+/// seen the rule (or its version or config changed). The output's bytes.
+fn call_slot<'a>(
+    live: &'a mut Live,
+    input: &CallInput<'_>,
+    buf: &mut Vec<u8>,
+    limits: Limits,
+) -> Result<&'a [u8], Failure> {
+    let run = (|| -> wasmtime::Result<Result<i64, Failure>> {
+        live.store.set_fuel(limits.fuel_per_call)?;
+        let Entry::Slots { slots, .. } = &live.entry else {
+            return Err(wasmtime::Error::msg("the module is not an ABI v2 rule plugin"));
+        };
+        let known = slots.get(&input.rule_id);
+        let current = known.filter(|s| s.version == input.rule_version && s.config == input.config).map(|s| s.index);
+        let slot = match current {
+            Some(slot) => slot,
+            None => {
+                let index = known.map_or(slots.len() as i32, |s| s.index);
+                encode_rule(buf, input);
+                let ptr = write_input(live, buf)?;
+                let Entry::Slots { configure, slots, .. } = &mut live.entry else {
+                    return Err(wasmtime::Error::msg("the module is not an ABI v2 rule plugin"));
+                };
+                let code = configure.call(&mut live.store, (index, ptr, buf.len() as i32))?;
+                if code != 0 {
+                    return Ok(Err(failure(
+                        FailureKind::BadOutput,
+                        format!("`signalops_configure` returned {code} for the rule's config"),
+                    )));
+                }
+                let slot = Slot { index, version: input.rule_version, config: input.config.to_vec() };
+                slots.insert(input.rule_id, slot);
+                index
+            }
+        };
+        let Entry::Slots { evaluate, .. } = &live.entry else {
+            return Err(wasmtime::Error::msg("the module is not an ABI v2 rule plugin"));
+        };
+        Ok(Ok(evaluate.call(&mut live.store, slot)?))
+    })();
+    match run {
+        Ok(Ok(packed)) => output(live, packed, limits),
+        Ok(Err(f)) => Err(f),
+        Err(e) => Err(classify(&e, live.store.data().memory_denied)),
+    }
+}
+
+/// The output a call returned as `(ptr << 32) | len`, checked against the limit and the memory.
+fn output(live: &Live, packed: i64, limits: Limits) -> Result<&[u8], Failure> {
     let ptr = (packed as u64 >> 32) as usize;
     let len = (packed as u64 & 0xffff_ffff) as usize;
     if len > limits.max_output_bytes {
@@ -758,11 +1009,10 @@ fn call<T>(
             format!("output is {len} bytes; the limit is {}", limits.max_output_bytes),
         ));
     }
-    let data = live.memory.data(&*store);
-    let Some(bytes) = ptr.checked_add(len).and_then(|end| data.get(ptr..end)) else {
-        return Err(failure(FailureKind::BadOutput, format!("output {ptr}+{len} is outside the module's memory")));
-    };
-    decode(bytes)
+    let data = live.memory.data(&live.store);
+    ptr.checked_add(len)
+        .and_then(|end| data.get(ptr..end))
+        .ok_or_else(|| failure(FailureKind::BadOutput, format!("output {ptr}+{len} is outside the module's memory")))
 }
 
 /// The HTTP request a notifier plugin rendered (checked by the sender before it goes out).
@@ -866,39 +1116,29 @@ pub fn decode_output(bytes: &[u8]) -> Result<Decision, Failure> {
 fn encode_input(buf: &mut Vec<u8>, input: &CallInput<'_>) {
     use rmp::encode as w;
     buf.clear();
-    let ev = input.event;
     // Writing into a Vec cannot fail.
     let _ = w::write_map_len(buf, 4);
     let _ = w::write_str(buf, "abi");
-    let _ = w::write_uint(buf, ABI_VERSION as u64);
+    let _ = w::write_uint(buf, Abi::V1.number() as u64);
     let _ = w::write_str(buf, "event");
-    let _ = w::write_map_len(buf, 9);
-    let _ = w::write_str(buf, "id");
-    let _ = w::write_str(buf, &ev.id);
+    guest_event::encode_event(buf, input.event);
+    write_rule_members(buf, input);
+}
+
+/// Writes the input of ABI v2 `signalops_configure`: `{"abi", "config", "rule"}`.
+fn encode_rule(buf: &mut Vec<u8>, input: &CallInput<'_>) {
+    use rmp::encode as w;
+    buf.clear();
+    let _ = w::write_map_len(buf, 3);
+    let _ = w::write_str(buf, "abi");
+    let _ = w::write_uint(buf, Abi::V2.number() as u64);
+    write_rule_members(buf, input);
+}
+
+/// The `config` and `rule` members of a rule's input.
+fn write_rule_members(buf: &mut Vec<u8>, input: &CallInput<'_>) {
+    use rmp::encode as w;
     let mut uuid_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let _ = w::write_str(buf, "tenant_id");
-    let _ = w::write_str(buf, ev.tenant_id.hyphenated().encode_lower(&mut uuid_text));
-    let _ = w::write_str(buf, "type");
-    let _ = w::write_str(buf, &ev.event_type);
-    for (k, v) in [("source", &ev.source), ("user_id", &ev.user_id), ("session_id", &ev.session_id)] {
-        let _ = w::write_str(buf, k);
-        match v {
-            Some(s) => {
-                let _ = w::write_str(buf, s);
-            }
-            None => {
-                let _ = w::write_nil(buf);
-            }
-        }
-    }
-    let _ = w::write_str(buf, "occurred_at_ms");
-    let _ = w::write_sint(buf, ev.occurred_at_ms);
-    let _ = w::write_str(buf, "received_at_ms");
-    let _ = w::write_sint(buf, ev.received_at_ms);
-    let _ = w::write_str(buf, "payload");
-    if rmp_serde::encode::write(buf, &ev.payload).is_err() {
-        let _ = w::write_map_len(buf, 0);
-    }
     let _ = w::write_str(buf, "config");
     buf.extend_from_slice(input.config);
     let _ = w::write_str(buf, "rule");

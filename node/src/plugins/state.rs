@@ -2,7 +2,11 @@
 //! (tenant, rule), inside the partition engine's state (so they are checkpointed with it and
 //! replay exactly). A call's changes are journaled and rolled back unless the call succeeds.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// Keys come from events (a tenant's data): foldhash is randomly seeded per process.
+use foldhash::{HashMap, HashSet};
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -63,12 +67,12 @@ pub enum EntryKey {
     State(Vec<u8>),
 }
 
-/// Undo records of one call.
+/// Undo records of one call; `key` is a range of the journal's key bytes.
 #[derive(Debug)]
 enum Undo {
-    WindowAdd { key: Vec<u8>, sec: i64, delta: i64, new_bucket: bool, new_key: bool, span_s: i64 },
-    Span { key: Vec<u8>, span_s: i64 },
-    State { key: Vec<u8>, previous: Option<Vec<u8>> },
+    WindowAdd { key: Range<usize>, sec: i64, delta: i64, new_bucket: bool, new_key: bool, span_s: i64 },
+    Span { key: Range<usize>, span_s: i64 },
+    State { key: Range<usize>, previous: Option<Vec<u8>> },
 }
 
 /// Limits on one rule's plugin state.
@@ -85,8 +89,11 @@ pub struct PluginState {
     pub kv: HashMap<Vec<u8>, Vec<u8>>,
     buckets: usize,
     journal: Vec<Undo>,
+    /// The keys the journal names, back to back (no allocation per call).
+    journal_keys: Vec<u8>,
     /// Entries changed since the last checkpoint.
-    pub dirty: HashSet<EntryKey>,
+    dirty_windows: HashSet<Vec<u8>>,
+    dirty_state: HashSet<Vec<u8>>,
 }
 
 impl PluginState {
@@ -100,8 +107,28 @@ impl PluginState {
         self.windows.len() + self.kv.len()
     }
 
-    fn touch(&mut self, k: EntryKey) {
-        self.dirty.insert(k);
+    fn journal_key(&mut self, key: &[u8]) -> Range<usize> {
+        let start = self.journal_keys.len();
+        self.journal_keys.extend_from_slice(key);
+        start..self.journal_keys.len()
+    }
+
+    fn touch_window(&mut self, key: &[u8]) {
+        if !self.dirty_windows.contains(key) {
+            self.dirty_windows.insert(key.to_vec());
+        }
+    }
+
+    fn touch_state(&mut self, key: &[u8]) {
+        if !self.dirty_state.contains(key) {
+            self.dirty_state.insert(key.to_vec());
+        }
+    }
+
+    /// Takes the entries changed since the last call (for a checkpoint).
+    pub fn take_dirty(&mut self) -> Vec<EntryKey> {
+        let windows = self.dirty_windows.drain().map(EntryKey::Window);
+        windows.chain(self.dirty_state.drain().map(EntryKey::State)).collect()
     }
 
     pub fn window_add(&mut self, key: &[u8], now_ms: i64, seconds: i64, delta: i64, limits: StateLimits) -> i64 {
@@ -119,7 +146,10 @@ impl PluginState {
         {
             return ERR_FULL;
         }
-        let c = self.windows.entry(key.to_vec()).or_default();
+        let c = match self.windows.get_mut(key) {
+            Some(c) => c,
+            None => self.windows.entry(key.to_vec()).or_default(),
+        };
         let span_s = c.span_s;
         c.span_s = c.span_s.max(seconds);
         let new_bucket = c.add(sec, delta);
@@ -127,8 +157,9 @@ impl PluginState {
         if new_bucket {
             self.buckets += 1;
         }
-        self.journal.push(Undo::WindowAdd { key: key.to_vec(), sec, delta, new_bucket, new_key, span_s });
-        self.touch(EntryKey::Window(key.to_vec()));
+        let key_range = self.journal_key(key);
+        self.journal.push(Undo::WindowAdd { key: key_range, sec, delta, new_bucket, new_key, span_s });
+        self.touch_window(key);
         sum
     }
 
@@ -137,13 +168,15 @@ impl PluginState {
             return ERR_INVALID;
         }
         let Some(c) = self.windows.get_mut(key) else { return 0 };
+        let sum = c.sum(now_ms.div_euclid(1000), seconds);
         if seconds > c.span_s {
             // A longer window from now on keeps buckets longer.
-            self.journal.push(Undo::Span { key: key.to_vec(), span_s: c.span_s });
-            c.span_s = seconds;
-            self.dirty.insert(EntryKey::Window(key.to_vec()));
+            let span_s = std::mem::replace(&mut c.span_s, seconds);
+            let key_range = self.journal_key(key);
+            self.journal.push(Undo::Span { key: key_range, span_s });
+            self.touch_window(key);
         }
-        c.sum(now_ms.div_euclid(1000), seconds)
+        sum
     }
 
     pub fn state_get(&self, key: &[u8]) -> Option<&[u8]> {
@@ -158,16 +191,18 @@ impl PluginState {
             return ERR_FULL;
         }
         let previous = self.kv.insert(key.to_vec(), value.to_vec());
-        self.journal.push(Undo::State { key: key.to_vec(), previous });
-        self.touch(EntryKey::State(key.to_vec()));
+        let key_range = self.journal_key(key);
+        self.journal.push(Undo::State { key: key_range, previous });
+        self.touch_state(key);
         0
     }
 
     pub fn state_delete(&mut self, key: &[u8]) -> i64 {
         match self.kv.remove(key) {
             Some(previous) => {
-                self.journal.push(Undo::State { key: key.to_vec(), previous: Some(previous) });
-                self.touch(EntryKey::State(key.to_vec()));
+                let key_range = self.journal_key(key);
+                self.journal.push(Undo::State { key: key_range, previous: Some(previous) });
+                self.touch_state(key);
                 1
             }
             None => 0,
@@ -177,6 +212,7 @@ impl PluginState {
     /// Keeps the changes of the call that just ended.
     pub fn commit(&mut self) {
         self.journal.clear();
+        self.journal_keys.clear();
     }
 
     /// Undoes the changes of the call that just ended (newest first).
@@ -184,13 +220,14 @@ impl PluginState {
         while let Some(u) = self.journal.pop() {
             match u {
                 Undo::WindowAdd { key, sec, delta, new_bucket, new_key, span_s } => {
+                    let key = &self.journal_keys[key];
                     if new_key {
-                        if let Some(c) = self.windows.remove(&key) {
+                        if let Some(c) = self.windows.remove(key) {
                             self.buckets -= c.buckets.len();
                         }
                         continue;
                     }
-                    let Some(c) = self.windows.get_mut(&key) else { continue };
+                    let Some(c) = self.windows.get_mut(key) else { continue };
                     c.span_s = span_s;
                     if let Some(i) = c.buckets.iter().position(|(s, _)| *s == sec) {
                         if new_bucket {
@@ -202,20 +239,24 @@ impl PluginState {
                     }
                 }
                 Undo::Span { key, span_s } => {
-                    if let Some(c) = self.windows.get_mut(&key) {
+                    if let Some(c) = self.windows.get_mut(&self.journal_keys[key]) {
                         c.span_s = span_s;
                     }
                 }
-                Undo::State { key, previous } => match previous {
-                    Some(v) => {
-                        self.kv.insert(key, v);
+                Undo::State { key, previous } => {
+                    let key = &self.journal_keys[key];
+                    match previous {
+                        Some(v) => {
+                            self.kv.insert(key.to_vec(), v);
+                        }
+                        None => {
+                            self.kv.remove(key);
+                        }
                     }
-                    None => {
-                        self.kv.remove(&key);
-                    }
-                },
+                }
             }
         }
+        self.journal_keys.clear();
     }
 
     /// Drops buckets that no window can reach any more: older than `span` before `now_ms`
@@ -232,7 +273,9 @@ impl PluginState {
             let removed = before - c.buckets.len();
             if removed > 0 {
                 self.buckets -= removed;
-                self.dirty.insert(EntryKey::Window(k.clone()));
+                if !self.dirty_windows.contains(k) {
+                    self.dirty_windows.insert(k.clone());
+                }
                 if c.buckets.is_empty() {
                     gone.push(k.clone());
                 }
@@ -275,7 +318,7 @@ mod tests {
         s.window_add(b"a", 1_000, 60, 5, L);
         s.state_set(b"k", b"v1", L);
         s.commit();
-        s.dirty.clear();
+        s.take_dirty();
         s.window_add(b"a", 1_000, 60, 2, L);
         s.window_add(b"a", 2_000, 120, 1, L);
         s.window_add(b"b", 1_000, 60, 1, L);

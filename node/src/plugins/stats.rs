@@ -32,7 +32,8 @@ struct Entry {
     failures: BTreeMap<FailureKind, u64>,
     consecutive_failures: u32,
     last_error: Option<LastError>,
-    micros: VecDeque<u32>,
+    /// The latest call times, nanoseconds.
+    nanos: VecDeque<u32>,
 }
 
 /// What the API shows.
@@ -42,8 +43,9 @@ pub struct PluginHealth {
     pub fired: u64,
     pub failures: BTreeMap<FailureKind, u64>,
     pub consecutive_failures: u32,
-    pub p50_us: Option<u32>,
-    pub p99_us: Option<u32>,
+    /// Call time percentiles, microseconds (to the nanosecond).
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
     pub last_error: Option<LastError>,
 }
 
@@ -62,11 +64,8 @@ pub struct PluginStatsRegistry {
 }
 
 impl PluginStatsRegistry {
-    /// Records one call; asks for the plugin to be disabled when its run of failures reaches
-    /// `max_consecutive`.
-    pub fn record(&self, tenant: TenantId, plugin: Uuid, r: &CallReport, at_ms: i64, max_consecutive: u32) {
-        let Ok(mut map) = self.inner.lock() else { return };
-        let e = map.entry((tenant, plugin)).or_insert_with(|| {
+    fn entry(map: &mut HashMap<(TenantId, Uuid), Entry>, tenant: TenantId, plugin: Uuid) -> &mut Entry {
+        map.entry((tenant, plugin)).or_insert_with(|| {
             let (t, p) = (tenant.to_string(), plugin.to_string());
             Entry {
                 calls: metrics::counter!(telemetry::PLUGIN_CALLS, "tenant_id" => t.clone(), "plugin_id" => p.clone()),
@@ -76,16 +75,19 @@ impl PluginStatsRegistry {
                 failures: BTreeMap::new(),
                 consecutive_failures: 0,
                 last_error: None,
-                micros: VecDeque::new(),
+                nanos: VecDeque::new(),
             }
-        });
+        })
+    }
+
+    /// Records one call; asks for the plugin to be disabled when its run of failures reaches
+    /// `max_consecutive`.
+    pub fn record(&self, tenant: TenantId, plugin: Uuid, r: &CallReport, at_ms: i64, max_consecutive: u32) {
+        let Ok(mut map) = self.inner.lock() else { return };
+        let e = Self::entry(&mut map, tenant, plugin);
+        e.add_time(r.nanos);
         e.calls.increment(1);
-        e.duration.record(r.micros as f64 / 1e6);
         e.invocations += 1;
-        if e.micros.len() == TIMES_KEPT {
-            e.micros.pop_front();
-        }
-        e.micros.push_back(r.micros.min(u32::MAX as u64) as u32);
         match &r.outcome {
             Outcome::Decision(d) => {
                 e.consecutive_failures = 0;
@@ -105,12 +107,26 @@ impl PluginStatsRegistry {
                         f.kind.as_str(),
                         truncate(&f.message, 200)
                     );
+                    tracing::warn!(tenant_id = %tenant, plugin_id = %plugin, %reason, "disabling plugin");
                     if let Ok(mut d) = self.disable.lock() {
                         d.push(DisableRequest { tenant, plugin, reason });
                     }
                 }
             }
         }
+    }
+
+    /// Records a run of successful calls of one plugin at once (see [`PendingCalls`]).
+    fn record_decisions(&self, tenant: TenantId, plugin: Uuid, p: &Pending) {
+        let Ok(mut map) = self.inner.lock() else { return };
+        let e = Self::entry(&mut map, tenant, plugin);
+        for &n in &p.nanos {
+            e.add_time(n);
+        }
+        e.calls.increment(p.calls);
+        e.invocations += p.calls;
+        e.fired += p.fired;
+        e.consecutive_failures = 0;
     }
 
     /// Takes the pending disable requests.
@@ -130,9 +146,11 @@ impl PluginStatsRegistry {
     pub fn health(&self, tenant: TenantId, plugin: Uuid) -> PluginHealth {
         let Ok(map) = self.inner.lock() else { return PluginHealth::default() };
         let Some(e) = map.get(&(tenant, plugin)) else { return PluginHealth::default() };
-        let mut times: Vec<u32> = e.micros.iter().copied().collect();
+        let mut times: Vec<u32> = e.nanos.iter().copied().collect();
         times.sort_unstable();
-        let pct = |q: f64| (!times.is_empty()).then(|| times[((times.len() - 1) as f64 * q).round() as usize]);
+        let pct = |q: f64| {
+            (!times.is_empty()).then(|| f64::from(times[((times.len() - 1) as f64 * q).round() as usize]) / 1000.0)
+        };
         PluginHealth {
             invocations: e.invocations,
             fired: e.fired,
@@ -141,6 +159,85 @@ impl PluginStatsRegistry {
             p50_us: pct(0.5),
             p99_us: pct(0.99),
             last_error: e.last_error.clone(),
+        }
+    }
+}
+
+impl Entry {
+    fn add_time(&mut self, nanos: u64) {
+        self.duration.record(nanos as f64 / 1e9);
+        if self.nanos.len() == TIMES_KEPT {
+            self.nanos.pop_front();
+        }
+        self.nanos.push_back(nanos.min(u32::MAX as u64) as u32);
+    }
+}
+
+/// The successful calls of one partition engine since its last batch ended, per plugin. A
+/// partition makes many calls per batch; taking the registry's lock once per batch instead of
+/// once per call keeps health recording off the per-event cost. Failures are recorded at once
+/// (after the plugin's pending successes, so runs of failures count right).
+#[derive(Debug, Default)]
+pub struct PendingCalls {
+    entries: Vec<((TenantId, Uuid), Pending)>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    calls: u64,
+    fired: u64,
+    nanos: Vec<u64>,
+}
+
+/// Most call times a batch keeps per plugin (the registry keeps the latest 1,024 anyway).
+const PENDING_TIMES: usize = TIMES_KEPT;
+
+impl PendingCalls {
+    /// Records one call: decisions wait for [`flush`](PendingCalls::flush); a failure flushes
+    /// the plugin's pending decisions and is recorded now.
+    pub fn record(
+        &mut self,
+        registry: &PluginStatsRegistry,
+        tenant: TenantId,
+        plugin: Uuid,
+        r: &CallReport,
+        at_ms: i64,
+        max_consecutive: u32,
+    ) {
+        let key = (tenant, plugin);
+        let i = match self.entries.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.entries.push((key, Pending::default()));
+                self.entries.len() - 1
+            }
+        };
+        let p = &mut self.entries[i].1;
+        match &r.outcome {
+            Outcome::Decision(d) => {
+                p.fired += d.fire as u64;
+                // Past the cap, the oldest times are overwritten.
+                if p.nanos.len() == PENDING_TIMES {
+                    p.nanos[(p.calls as usize) % PENDING_TIMES] = r.nanos;
+                } else {
+                    p.nanos.push(r.nanos);
+                }
+                p.calls += 1;
+            }
+            Outcome::Failure(_) => {
+                let (_, p) = self.entries.swap_remove(i);
+                if p.calls > 0 {
+                    registry.record_decisions(tenant, plugin, &p);
+                }
+                registry.record(tenant, plugin, r, at_ms, max_consecutive);
+            }
+        }
+    }
+
+    /// Records everything pending.
+    pub fn flush(&mut self, registry: &PluginStatsRegistry) {
+        for ((tenant, plugin), p) in self.entries.drain(..) {
+            registry.record_decisions(tenant, plugin, &p);
         }
     }
 }

@@ -40,6 +40,7 @@ use super::window::{distinct_hash, window_from_stored, Bucket, Insert, Timeline,
 use crate::model::{EventRecord, TenantId};
 use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome};
 use crate::plugins::state::{Counter, EntryKey, PluginState};
+use crate::plugins::stats::PendingCalls;
 use crate::plugins::{PluginHost, PluginStatsRegistry};
 use crate::telemetry;
 
@@ -185,6 +186,8 @@ pub struct EnginePlugins {
     pub max_consecutive_failures: u32,
     /// Dry-runs keep every call's report.
     pub reports: Option<Vec<(String, Uuid, CallReport)>>,
+    /// Health of this batch's calls, recorded into `stats` when the batch's effects are taken.
+    pub pending: PendingCalls,
 }
 
 /// The compiled rules one event type meets.
@@ -852,6 +855,11 @@ impl Engine {
     /// Takes what was emitted since the last call. With `checkpoint`, also the state that
     /// changed, and the returned meta says the stored state now reflects `processed_seq`.
     pub fn take_effects(&mut self, checkpoint: bool) -> PartitionEffects {
+        if let Some(p) = &mut self.plugins {
+            if let Some(stats) = &p.stats {
+                p.pending.flush(stats);
+            }
+        }
         let out = &mut self.out;
         for (tenant, rule, group) in out.alert_dirty.drain(..) {
             let g = self
@@ -945,7 +953,7 @@ impl Engine {
             }
             for (tenant, ts) in self.tenants.iter_mut() {
                 for (rule, rs) in ts.rules.iter_mut() {
-                    for k in rs.plugin.dirty.drain() {
+                    for k in rs.plugin.take_dirty() {
                         let group = Some(plugin_entry_group(&k));
                         let key = StateKey { tenant: *tenant, rule: *rule, group };
                         let bytes = match &k {
@@ -1215,9 +1223,11 @@ fn drop_rule_state(tenant: TenantId, rule: Uuid, rs: RuleState, clock: i64, out:
         }
         out.deletes.push(StateKey { tenant, rule, group: Some(g.key) });
     }
-    let entries = rs.plugin.windows.keys().map(|k| EntryKey::Window(k.clone()));
-    let entries = entries.chain(rs.plugin.kv.keys().map(|k| EntryKey::State(k.clone())));
-    for k in entries.chain(rs.plugin.dirty) {
+    let mut plugin = rs.plugin;
+    let dirty = plugin.take_dirty();
+    let entries = plugin.windows.keys().map(|k| EntryKey::Window(k.clone()));
+    let entries = entries.chain(plugin.kv.keys().map(|k| EntryKey::State(k.clone())));
+    for k in entries.chain(dirty) {
         out.deletes.push(StateKey { tenant, rule, group: Some(plugin_entry_group(&k)) });
     }
     out.deletes.push(StateKey { tenant, rule, group: None });
@@ -1714,7 +1724,7 @@ fn call_plugin(
     };
     let report = p.host.evaluate(ev.tenant_id, &binding.digest, state, &input);
     if let Some(stats) = &p.stats {
-        stats.record(ev.tenant_id, binding.plugin_id, &report, clock, p.max_consecutive_failures);
+        p.pending.record(stats, ev.tenant_id, binding.plugin_id, &report, clock, p.max_consecutive_failures);
     }
     match p.reports.as_mut() {
         // Dry-runs keep the report; the live path moves the decision out without a copy.

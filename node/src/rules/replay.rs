@@ -58,6 +58,7 @@ pub fn run(
             stats: None,
             max_consecutive_failures: u32::MAX,
             reports: Some(Vec::new()),
+            pending: Default::default(),
         });
     }
     let mut seq = 0u64;

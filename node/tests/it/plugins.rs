@@ -117,8 +117,11 @@ fn example_plugins_decide_from_config_window_counters_and_state() {
     assert!(d.fire && d.labels["card"] == "A" && d.fields["count"] == json!(3), "{d:?}");
     assert_eq!(r.logs.len(), 1);
     assert_eq!(r.logs[0].message, "card=A: 3 events in 10s");
-    // 100 and 101 have left the window by 111.
-    assert!(!v.fires(json!({"card": "A"}), 111 * s));
+    // The rest of the burst does not fire again.
+    assert!(!v.fires(json!({"card": "A"}), 106 * s));
+    // By 111, 100 and 101 have left the window: 105, 106 and 111 pass the limit anew.
+    assert!(v.fires(json!({"card": "A"}), 111 * s));
+    assert!(!v.fires(json!({"card": "A"}), 112 * s));
 
     // first-seen: once per value.
     let mut f = Harness::new(&rt, &built("first-seen"), json!({"field": "country"}));
@@ -134,6 +137,33 @@ fn example_plugins_decide_from_config_window_counters_and_state() {
     assert_eq!(a, b);
 }
 
+/// One instance serves every rule of the tenant that uses the module: each rule's config is
+/// handed over once, and a new version or config of a rule replaces it.
+#[test]
+fn each_rule_calls_the_shared_instance_with_its_own_config() {
+    let rt = Arc::new(PluginRuntime::new(&small_limits()).unwrap());
+    let digest = rt.compile(&built("high-value")).unwrap().digest;
+    let mut host = PluginHost::new(rt.clone());
+    let (low, high) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    let mut state = PluginState::default();
+    let mut fires = |rule: Uuid, version: u32, config: &Value, amount: i64| {
+        let ev = event(json!({"amount": amount}), 0);
+        let config = signalops::plugins::runtime::encode_config(config);
+        let input = CallInput { event: &ev, time_ms: 0, config: &config, rule_id: rule, rule_version: version };
+        match host.evaluate(Uuid::nil(), &digest, &mut state, &input).outcome {
+            Outcome::Decision(d) => d.fire,
+            Outcome::Failure(f) => panic!("{f:?}"),
+        }
+    };
+    for _ in 0..2 {
+        assert!(fires(low, 1, &json!({"threshold": 10}), 50));
+        assert!(!fires(high, 1, &json!({"threshold": 100}), 50));
+    }
+    assert!(!fires(low, 2, &json!({"threshold": 60}), 50), "a new version brings its config");
+    assert!(fires(high, 1, &json!({"threshold": 40}), 50), "so does a changed config");
+    assert!(fires(high, 1, &json!({"threshold": 40, "field": "amount"}), 50));
+}
+
 #[test]
 fn hostile_modules_are_refused_at_upload_with_the_reason() {
     let rt = PluginRuntime::new(&small_limits()).unwrap();
@@ -141,7 +171,9 @@ fn hostile_modules_are_refused_at_upload_with_the_reason() {
         ("wasi", "forbidden_import"),
         ("unknown_host_fn", "forbidden_import"),
         ("no_evaluate", "missing_export"),
-        ("abi_v2", "abi_version"),
+        ("abi_mismatch", "abi_version"),
+        ("mixed_abi", "forbidden_import"),
+        ("v1_event_get", "forbidden_import"),
         ("big_memory", "instantiation_failed"),
     ] {
         let r = rt.compile(&fixture(name)).expect_err(name);
@@ -167,6 +199,8 @@ fn misbehaving_modules_fail_with_their_kind_and_leave_no_state() {
         ("huge_output", FailureKind::BadOutput),
         ("out_of_bounds", FailureKind::BadOutput),
         ("host_abuse", FailureKind::FuelExhausted),
+        ("event_out_of_bounds", FailureKind::Trap),
+        ("configure_refuses", FailureKind::BadOutput),
     ] {
         let mut h = Harness::new(&rt, &fixture(name), json!({}));
         for _ in 0..2 {
@@ -326,7 +360,8 @@ async fn plugins_are_tested_in_place_and_stay_within_their_tenant() {
     assert_eq!(st, StatusCode::OK, "{t}");
     let results = t["results"].as_array().unwrap();
     let fired: Vec<bool> = results.iter().map(|r| r["decision"]["fire"].as_bool().unwrap()).collect();
-    assert_eq!(fired, [false, false, true, true]);
+    // The third event takes the count past 2; the fourth belongs to the same burst.
+    assert_eq!(fired, [false, false, true, false]);
     assert!(results.iter().all(|r| r["fuel_used"].as_u64().unwrap() > 0 && r["micros"].is_u64()));
     assert_eq!(results[2]["logs"][0]["message"], "card=c9: 3 events in 60s");
     let (st, t) = api.post("/v1/plugins/velocity/test", &json!({"events": [events[0]], "config": {}})).await;
@@ -416,6 +451,7 @@ fn plugin_state_survives_a_checkpoint_and_restore() {
             stats: None,
             max_consecutive_failures: u32::MAX,
             reports: None,
+            pending: Default::default(),
         });
         e
     };

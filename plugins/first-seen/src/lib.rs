@@ -7,7 +7,7 @@ use signalops_sdk::{export_rule, host, Decision, Event, Value};
 
 fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
     let field = config.get("field").and_then(Value::as_str).ok_or("config.field (a payload field) is required")?;
-    let value = match event.field(field).and_then(Value::to_key) {
+    let value = match event.field(field).and_then(Value::into_key) {
         Some(v) => v,
         None => return Ok(Decision::skip()),
     };

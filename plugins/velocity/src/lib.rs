@@ -1,8 +1,13 @@
 //! `velocity`: fires when more than `max` events with the same value of a payload field arrive
 //! within `seconds` (e.g. one card used more than 5 times in 10 minutes).
 //!
-//! Config: `{"key": "card_id", "max": 5, "seconds": 600}` (`seconds` up to 3600). Counts are host window counters,
-//! kept per tenant and rule, at event time.
+//! Config: `{"key": "card_id", "max": 5, "seconds": 600}` (`seconds` up to 3600). Counts are
+//! host window counters, kept per tenant and rule, at event time.
+//!
+//! It fires on the event that takes the count past `max`, once per burst: the following events
+//! of the same burst do not fire again, and a later burst (after the count fell back to `max`
+//! or below) fires anew. The rule's `group_by` and cooldown then decide whether that makes a
+//! new alert.
 
 use signalops_sdk::{export_rule, host, Decision, Event, Value};
 
@@ -13,12 +18,18 @@ fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
         Some(s) if s >= 1 && s <= host::MAX_WINDOW_SECONDS as i64 => s as u32,
         _ => return Err(format!("config.seconds must be an integer from 1 to {}", host::MAX_WINDOW_SECONDS)),
     };
-    let value = match event.field(key).and_then(Value::to_key) {
+    let value = match event.field(key).and_then(Value::into_key) {
         Some(v) => v,
         None => return Ok(Decision::skip()),
     };
-    let count = host::window_add(&format!("{key}={value}"), seconds, 1).map_err(|e| e.to_string())?;
-    if count <= max {
+    // `key=value`, built without `format!` (costly in WebAssembly, and this runs per event).
+    let mut counter = String::with_capacity(key.len() + 1 + value.len());
+    counter.push_str(key);
+    counter.push('=');
+    counter.push_str(&value);
+    let count = host::window_add(&counter, seconds, 1).map_err(|e| e.to_string())?;
+    // Counts grow one event at a time, so a burst passes `max + 1` exactly once.
+    if count != max + 1 {
         return Ok(Decision::skip());
     }
     host::info(&format!("{key}={value}: {count} events in {seconds}s"));
