@@ -130,6 +130,13 @@ fn example_plugins_decide_from_config_window_counters_and_state() {
     assert!(!f.fires(json!({"country": "DE"}), 2));
     assert!(!f.fires(json!({"city": "Berlin"}), 3));
     assert_eq!(f.state.kv.len(), 2);
+    // A value longer than the SDK's first read buffer (256 bytes) is read whole, growing the
+    // buffer and asking again: here it then makes a state key over the 256-byte limit, which
+    // the plugin reports as its error (a value read short would not decode, and not fire).
+    let r = f.call(json!({"country": "x".repeat(1000)}), 4);
+    assert_eq!(failure_kind(&r), FailureKind::PluginError);
+    assert!(matches!(&r.outcome, Outcome::Failure(e) if e.message.contains("out of range")), "{r:?}");
+    assert!(f.fires(json!({"country": "y".repeat(240)}), 5), "a long value within the limits");
 
     // The same call costs the same fuel every time (decisions replay exactly).
     let a = hv.call(json!({"amount": 5}), 0).fuel_used;
