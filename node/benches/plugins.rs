@@ -183,6 +183,27 @@ fn main() {
         for (_, _, r) in e.plugins_mut().unwrap().reports.take().unwrap() {
             println!("  fuel {} ({} ns): {:?}", r.fuel_used, r.nanos, r.outcome);
         }
+        // The call alone: `PluginHost::evaluate` on one event, without the engine around it.
+        let digest = plugins.values().find(|p| p.name == id).map(|p| p.versions[0].sha256.clone()).unwrap();
+        let digest: [u8; 32] = hex::decode(digest).unwrap().try_into().unwrap();
+        let record: EventRecord = rmp_serde::from_slice(&evs[0].record).unwrap();
+        let config = signalops::plugins::runtime::encode_config(&config);
+        let mut host = PluginHost::new(rt.clone());
+        host.set_keep_logs(false);
+        let mut state = signalops::plugins::state::PluginState::default();
+        let input = signalops::plugins::runtime::CallInput {
+            event: &record,
+            time_ms: record.occurred_at_ms,
+            config: &config,
+            rule_id: Uuid::nil(),
+            rule_version: 1,
+        };
+        let calls = env("BENCH_CALLS", 200_000);
+        let started = Instant::now();
+        for _ in 0..calls {
+            std::hint::black_box(host.evaluate(tenant, &digest, &mut state, &input));
+        }
+        println!("  PluginHost::evaluate alone: {:.0} ns/call", started.elapsed().as_nanos() as f64 / calls as f64);
         return;
     }
     let rounds = env("BENCH_ROUNDS", 5);

@@ -28,10 +28,7 @@ pub fn lookup<'a>(ev: &'a EventRecord, path: &str) -> Option<Found<'a>> {
     if path.is_empty() {
         return Some(Found::Event(ev));
     }
-    let (head, rest) = match path.split_once('.') {
-        Some((h, r)) => (h, Some(r)),
-        None => (path, None),
-    };
+    let (head, rest) = next_segment(path);
     let opt = |s: &'a Option<String>| s.as_deref().map_or(Found::Nil, Found::Str);
     let top = match head {
         "id" => Found::Str(&ev.id),
@@ -44,20 +41,33 @@ pub fn lookup<'a>(ev: &'a EventRecord, path: &str) -> Option<Found<'a>> {
         "received_at_ms" => Found::Int(ev.received_at_ms),
         "payload" => {
             let Some(rest) = rest else { return Some(Found::Payload(&ev.payload)) };
-            let mut segs = rest.split('.');
-            let mut cur = ev.payload.get(segs.next()?)?;
-            for s in segs {
+            let (first, more) = next_segment(rest);
+            let mut cur = ev.payload.get(first)?;
+            let Some(mut rest) = more else { return Some(Found::Json(cur)) };
+            loop {
+                let (seg, more) = next_segment(rest);
                 cur = match cur {
-                    Value::Object(m) => m.get(s)?,
-                    Value::Array(a) => a.get(parse_index(s)?)?,
+                    Value::Object(m) => m.get(seg)?,
+                    Value::Array(a) => a.get(parse_index(seg)?)?,
                     _ => return None,
                 };
+                match more {
+                    Some(m) => rest = m,
+                    None => return Some(Found::Json(cur)),
+                }
             }
-            return Some(Found::Json(cur));
         }
         _ => return None,
     };
     rest.is_none().then_some(top)
+}
+
+/// The first segment of a dotted path, and the rest after its dot (if there is one).
+fn next_segment(path: &str) -> (&str, Option<&str>) {
+    match path.bytes().position(|b| b == b'.') {
+        Some(i) => (&path[..i], Some(&path[i + 1..])),
+        None => (path, None),
+    }
 }
 
 /// An array index: digits only (no sign, no leading `+`).

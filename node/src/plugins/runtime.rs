@@ -1,4 +1,4 @@
-//! The wasmtime side of ABI v1: module validation and compilation (at upload), instances kept
+//! The wasmtime side of the plugin ABI (v1 and v2): module validation and compilation (at upload), instances kept
 //! per (tenant, module) in each partition engine (and in the notification workers), one
 //! `evaluate` (rule) or `render` (notifier) call with its limits, and the classification of
 //! what went wrong.
@@ -483,19 +483,20 @@ fn define_event_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result
         ns,
         "event_get",
         |mut c: Caller<'_, HostCtx>, pp: i32, pl: i32, out: i32, cap: i32| -> wasmtime::Result<i32> {
-            charge(&mut c, pl.max(0) as usize)?;
             let found = with_guest_bytes(&mut c, pp, pl, |path, ctx| {
                 ctx.scratch.clear();
                 let ev = ctx.event.get();
                 let found = std::str::from_utf8(path).ok().zip(ev).and_then(|(p, ev)| guest_event::lookup(ev, p));
                 found.map(|v| v.encode(&mut ctx.scratch)).is_some()
             })?;
+            let len = c.data().scratch.len();
+            let copy = found && len <= cap.max(0) as usize;
+            // One charge for the path and, when it is copied, the value.
+            charge(&mut c, pl.max(0) as usize + if copy { len } else { 0 })?;
             if !found {
                 return Ok(-1);
             }
-            let len = c.data().scratch.len();
-            if len <= cap.max(0) as usize {
-                charge(&mut c, len)?;
+            if copy {
                 let mem = guest_memory(&mut c)?;
                 let (data, ctx) = mem.data_and_store_mut(&mut c);
                 let start = out as u32 as usize;
@@ -746,17 +747,39 @@ pub struct CallInput<'a> {
     pub rule_version: u32,
 }
 
+/// A live instance's key: the tenant and the module. Hashed by the tenant and the digest's
+/// first 16 bytes (a SHA-256 prefix is as good a hash as the whole), compared whole.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct InstanceKey(TenantId, Digest);
+
+impl std::hash::Hash for InstanceKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(self.0.as_u128());
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&self.1[..16]);
+        state.write_u128(u128::from_le_bytes(prefix));
+    }
+}
+
 /// The plugin instances of one partition engine (or one test run): calls are sequential.
 pub struct PluginHost {
     runtime: Arc<PluginRuntime>,
-    instances: foldhash::HashMap<(TenantId, Digest), Live>,
+    instances: foldhash::HashMap<InstanceKey, Live>,
+    /// Times calls (a TSC read each side).
+    clock: quanta::Clock,
     buf: Vec<u8>,
     keep_logs: bool,
 }
 
 impl PluginHost {
     pub fn new(runtime: Arc<PluginRuntime>) -> PluginHost {
-        PluginHost { runtime, instances: foldhash::HashMap::default(), buf: Vec::new(), keep_logs: true }
+        PluginHost {
+            runtime,
+            instances: foldhash::HashMap::default(),
+            clock: quanta::Clock::new(),
+            buf: Vec::new(),
+            keep_logs: true,
+        }
     }
 
     /// Whether calls keep the lines plugins log (on by default). A partition owner turns it
@@ -778,7 +801,7 @@ impl PluginHost {
         input: &[u8],
     ) -> (Result<PluginRequest, Failure>, u64, Vec<LogLine>) {
         let limits = self.runtime.limits;
-        let key = (tenant, *digest);
+        let key = InstanceKey(tenant, *digest);
         let live = match live_instance(&self.runtime, &mut self.instances, key) {
             Ok(l) => l,
             Err((f, fuel)) => return (Err(f), fuel, Vec::new()),
@@ -810,14 +833,21 @@ impl PluginHost {
         state: &mut PluginState,
         input: &CallInput<'_>,
     ) -> CallReport {
-        let started = quanta::Instant::now();
+        let started = self.clock.raw();
         let limits = self.runtime.limits;
-        let key = (tenant, *digest);
+        let key = InstanceKey(tenant, *digest);
         let keep_logs = self.keep_logs;
         let buf = &mut self.buf;
         let live = match live_instance(&self.runtime, &mut self.instances, key) {
             Ok(live) => live,
-            Err((f, fuel)) => return report(Outcome::Failure(f), fuel, started, Vec::new()),
+            Err((f, fuel)) => {
+                return CallReport::new(
+                    Outcome::Failure(f),
+                    fuel,
+                    self.clock.delta(started, self.clock.raw()),
+                    Vec::new(),
+                )
+            }
         };
         std::mem::swap(&mut live.store.data_mut().state, state);
         {
@@ -856,20 +886,20 @@ impl PluginHost {
             Ok(d) => Outcome::Decision(d),
             Err(f) => Outcome::Failure(f),
         };
-        report(outcome, fuel_used, started, logs)
+        CallReport::new(outcome, fuel_used, self.clock.delta(started, self.clock.raw()), logs)
     }
 
     /// Drops the instances of modules other than `keep` (after a rule-set change).
     pub fn retain(&mut self, keep: impl Fn(&TenantId, &Digest) -> bool) {
-        self.instances.retain(|(t, d), _| keep(t, d));
+        self.instances.retain(|InstanceKey(t, d), _| keep(t, d));
     }
 }
 
 /// The live instance of a tenant's module, created when needed (within the instance limit).
 fn live_instance<'a>(
     runtime: &PluginRuntime,
-    instances: &'a mut foldhash::HashMap<(TenantId, Digest), Live>,
-    key: (TenantId, Digest),
+    instances: &'a mut foldhash::HashMap<InstanceKey, Live>,
+    key: InstanceKey,
 ) -> Result<&'a mut Live, (Failure, u64)> {
     let limits = runtime.limits;
     if !instances.contains_key(&key) {
@@ -919,10 +949,6 @@ fn instantiate(runtime: &PluginRuntime, module: &Module) -> Result<Live, Failure
         }
         Err(e) => Err(classify(&e, store.data().memory_denied)),
     }
-}
-
-fn report(outcome: Outcome, fuel_used: u64, started: quanta::Instant, logs: Vec<LogLine>) -> CallReport {
-    CallReport::new(outcome, fuel_used, started.elapsed(), logs)
 }
 
 /// Writes `input` into a buffer the module allocates; returns its address.

@@ -137,18 +137,22 @@ impl PluginState {
             return ERR_INVALID;
         }
         let sec = now_ms.div_euclid(1000);
-        let new_key = !self.windows.contains_key(key);
-        if new_key && self.keys() >= limits.max_keys {
-            return ERR_FULL;
-        }
-        if self.buckets >= limits.max_buckets
-            && self.windows.get(key).is_none_or(|c| !c.buckets.iter().any(|(s, _)| *s == sec))
-        {
-            return ERR_FULL;
-        }
-        let c = match self.windows.get_mut(key) {
-            Some(c) => c,
-            None => self.windows.entry(key.to_vec()).or_default(),
+        let keys = self.keys();
+        let buckets_full = self.buckets >= limits.max_buckets;
+        // One lookup for a counter that exists (the common case), a second to insert a new one.
+        let (c, new_key) = match self.windows.get_mut(key) {
+            Some(c) => {
+                if buckets_full && !c.buckets.iter().any(|(s, _)| *s == sec) {
+                    return ERR_FULL;
+                }
+                (c, false)
+            }
+            None => {
+                if keys >= limits.max_keys || buckets_full {
+                    return ERR_FULL;
+                }
+                (self.windows.entry(key.to_vec()).or_default(), true)
+            }
         };
         let span_s = c.span_s;
         c.span_s = c.span_s.max(seconds);
