@@ -187,9 +187,85 @@ impl Event {
         with_payload_path(path, |p| self.get(p))
     }
 
+    /// Appends a payload field's key text (what [`Value::to_key`] gives: a string as it is,
+    /// numbers and booleans as text) to `out`, without decoding it into a [`Value`] first;
+    /// false, with `out` unchanged, when the field is missing or is something else. For
+    /// building counter and state keys on every event.
+    pub fn push_field_key(&self, path: &str, out: &mut String) -> bool {
+        if self.local.is_some() {
+            return match self.field(path) {
+                Some(Value::Str(s)) => {
+                    out.push_str(&s);
+                    true
+                }
+                Some(v) => v.push_number_key(out),
+                None => false,
+            };
+        }
+        with_payload_path(path, |p| {
+            host::event_get_with(p, |bytes| match crate::msgpack::as_encoded_str(bytes) {
+                Some(s) => {
+                    out.push_str(s);
+                    true
+                }
+                None => crate::msgpack::decode(bytes).map_or(false, |v| v.push_number_key(out)),
+            })
+            .unwrap_or(false)
+        })
+    }
+
     /// A numeric payload field by dotted path, e.g. `number("amount")`; `None` when the field
     /// is missing or not a number. The cheapest way to read a number.
     pub fn number(&self, path: &str) -> Option<f64> {
         with_payload_path(path, |p| self.get_number(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::testing;
+    use crate::Decision;
+
+    fn payload() -> Value {
+        Value::map(vec![
+            ("card", Value::from("4242")),
+            ("n", Value::Int(-7)),
+            ("amount", Value::Float(2.5)),
+            ("ok", Value::Bool(true)),
+            ("items", Value::Array(vec![Value::map(vec![("sku", Value::from("a1"))])])),
+            ("nested", Value::map(vec![("x", Value::Nil)])),
+        ])
+    }
+
+    /// What a handler sees through the (emulated) host is what a hand-built event answers.
+    fn check(event: &Event, _: &Value) -> Result<Decision, String> {
+        let local = Event::new("payment.failed", payload()).at(1_000);
+        for path in ["card", "n", "amount", "ok", "items.0.sku", "items.1", "nested", "nested.x", "missing"] {
+            let (mut a, mut b) = (String::from("k="), String::from("k="));
+            assert_eq!(event.push_field_key(path, &mut a), local.push_field_key(path, &mut b), "{path}");
+            assert_eq!(a, b, "{path}");
+            assert_eq!(event.field(path), local.field(path), "{path}");
+            assert_eq!(event.number(path), local.number(path), "{path}");
+        }
+        assert_eq!(event.event_type(), "payment.failed");
+        assert_eq!(event.occurred_at_ms(), 1_000);
+        assert_eq!(event.source(), None);
+        assert_eq!(event.get("").as_ref(), Some(&local.to_map()));
+        Ok(Decision::skip())
+    }
+
+    #[test]
+    fn the_host_view_and_a_hand_built_event_agree() {
+        let ev = Event::new("payment.failed", payload()).at(1_000);
+        let mut key = String::new();
+        assert!(ev.push_field_key("card", &mut key) && key == "4242");
+        key.clear();
+        assert!(ev.push_field_key("amount", &mut key) && key == "2.5");
+        key.clear();
+        assert!(!ev.push_field_key("nested", &mut key) && key.is_empty(), "a map has no key text");
+        assert_eq!(ev.number("items.0.sku"), None);
+        assert_eq!(ev.field("items.0.sku"), Some(Value::from("a1")));
+        testing::evaluate(check, &ev, &Value::Map(Vec::new())).unwrap();
     }
 }

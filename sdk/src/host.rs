@@ -101,6 +101,12 @@ pub(crate) fn event_get(path: &str) -> Option<crate::Value> {
     imp::event_get(path.as_bytes(), |bytes| crate::msgpack::decode(bytes).ok())?
 }
 
+/// Hands the MessagePack encoding of the value at `path` to `f` (no copy out of the SDK's
+/// read buffer); `None` when there is no value.
+pub(crate) fn event_get_with<R>(path: &str, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    imp::event_get(path.as_bytes(), f)
+}
+
 /// The number at `path` in the call's event map.
 pub(crate) fn event_number(path: &str) -> Option<f64> {
     let n = imp::event_number(path.as_bytes());

@@ -112,19 +112,25 @@ impl Value {
     /// Numbers and booleans as text (numbers as `{}` writes them, without `core::fmt`).
     fn number_key(&self) -> Option<String> {
         let mut out = String::new();
+        self.push_number_key(&mut out).then_some(out)
+    }
+
+    /// Appends what [`to_key`](Value::to_key) gives for a number or boolean; false for other
+    /// values.
+    pub(crate) fn push_number_key(&self, out: &mut String) -> bool {
         match self {
             Value::Int(i) => {
                 if *i < 0 {
                     out.push('-');
                 }
-                crate::push_digits(&mut out, i.unsigned_abs(), 1);
+                crate::push_digits(out, i.unsigned_abs(), 1);
             }
-            Value::UInt(u) => crate::push_digits(&mut out, *u, 1),
-            Value::Float(f) => crate::push_number(&mut out, *f),
+            Value::UInt(u) => crate::push_digits(out, *u, 1),
+            Value::Float(f) => crate::push_number(out, *f),
             Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            _ => return None,
+            _ => return false,
         }
-        Some(out)
+        true
     }
 }
 
@@ -308,6 +314,26 @@ pub(crate) struct Reader<'a> {
 /// The bytes as text. Event strings are almost always ASCII, which is checked inline here
 /// (the general UTF-8 check is an out-of-line call that dominated decoding short strings).
 #[inline]
+/// The string `bytes` encodes (exactly one MessagePack str, nothing after it); `None` for
+/// anything else.
+pub(crate) fn as_encoded_str(bytes: &[u8]) -> Option<&str> {
+    let (&first, rest) = bytes.split_first()?;
+    let (len, body) = match first {
+        0xa0..=0xbf => (usize::from(first & 0x1f), rest),
+        0xd9 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0xda => (usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])), rest.get(2..)?),
+        0xdb => {
+            let n = u32::from_be_bytes([*rest.first()?, *rest.get(1)?, *rest.get(2)?, *rest.get(3)?]);
+            (n as usize, rest.get(4..)?)
+        }
+        _ => return None,
+    };
+    if body.len() != len {
+        return None;
+    }
+    utf8(body).ok()
+}
+
 fn utf8(b: &[u8]) -> Result<&str, DecodeError> {
     if b.is_ascii() {
         // SAFETY: ASCII bytes are valid UTF-8.

@@ -18,15 +18,15 @@ fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
         Some(s) if s >= 1 && s <= host::MAX_WINDOW_SECONDS as i64 => s as u32,
         _ => return Err(format!("config.seconds must be an integer from 1 to {}", host::MAX_WINDOW_SECONDS)),
     };
-    let value = match event.field(key).and_then(Value::into_key) {
-        Some(v) => v,
-        None => return Ok(Decision::skip()),
-    };
-    // `key=value`, built without `format!` (costly in WebAssembly, and this runs per event).
-    let mut counter = String::with_capacity(key.len() + 1 + value.len());
+    // `key=value`, built in one buffer without `format!` (costly in WebAssembly, and this runs
+    // on every event).
+    let mut counter = String::with_capacity(key.len() + 32);
     counter.push_str(key);
     counter.push('=');
-    counter.push_str(&value);
+    if !event.push_field_key(key, &mut counter) {
+        return Ok(Decision::skip());
+    }
+    let value = &counter[key.len() + 1..];
     let count = host::window_add(&counter, seconds, 1).map_err(|e| e.to_string())?;
     // Counts grow one event at a time, so a burst passes `max + 1` exactly once.
     if count != max + 1 {
