@@ -190,7 +190,7 @@ fn main() {
         let config = signalops::plugins::runtime::encode_config(&config);
         let mut host = PluginHost::new(rt.clone());
         host.set_keep_logs(false);
-        let mut state = signalops::plugins::state::PluginState::default();
+        let mut state = Box::<signalops::plugins::state::PluginState>::default();
         let input = signalops::plugins::runtime::CallInput {
             event: &record,
             time_ms: record.occurred_at_ms,

@@ -414,7 +414,7 @@ async fn test(
     let tenant_id = tenant.id;
     let results = tokio::task::spawn_blocking(move || {
         let mut host = PluginHost::new(runtime);
-        let mut plugin_state = PluginState::default();
+        let mut plugin_state = Box::<PluginState>::default();
         records
             .iter()
             .enumerate()

@@ -280,7 +280,8 @@ impl From<&PluginsConfig> for Limits {
 
 /// The store data of one instance.
 pub struct HostCtx {
-    state: PluginState,
+    /// The calling rule's plugin state, swapped in for the call (a box, so that is a pointer swap).
+    state: Box<PluginState>,
     now_ms: i64,
     logs: Vec<LogLine>,
     /// Whether `log` lines are kept (test runs and dry-runs) or only checked and charged.
@@ -615,7 +616,7 @@ impl PluginRuntime {
 
     fn new_store(&self) -> Store<HostCtx> {
         let ctx = HostCtx {
-            state: PluginState::default(),
+            state: Box::default(),
             now_ms: 0,
             logs: Vec::new(),
             keep_logs: true,
@@ -808,7 +809,7 @@ impl PluginHost {
         };
         {
             let ctx = live.store.data_mut();
-            ctx.state = PluginState::default();
+            *ctx.state = PluginState::default();
             ctx.now_ms = 0;
             ctx.logs.clear();
             ctx.memory_denied = false;
@@ -817,7 +818,7 @@ impl PluginHost {
         let result = call_buffer(live, input, limits).and_then(decode_request);
         let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let logs = std::mem::take(&mut live.store.data_mut().logs);
-        live.store.data_mut().state = PluginState::default();
+        *live.store.data_mut().state = PluginState::default();
         if result.as_ref().is_err_and(|f| f.kind != FailureKind::PluginError) {
             self.instances.remove(&key);
         }
@@ -830,7 +831,7 @@ impl PluginHost {
         &mut self,
         tenant: TenantId,
         digest: &Digest,
-        state: &mut PluginState,
+        state: &mut Box<PluginState>,
         input: &CallInput<'_>,
     ) -> CallReport {
         let started = self.clock.raw();
@@ -902,20 +903,22 @@ fn live_instance<'a>(
     key: InstanceKey,
 ) -> Result<&'a mut Live, (Failure, u64)> {
     let limits = runtime.limits;
-    if !instances.contains_key(&key) {
-        let Some(module) = runtime.module(&key.1) else {
-            return Err((failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"), 0));
-        };
-        let live = instantiate(runtime, &module).map_err(|f| (f, limits.fuel_per_call))?;
-        if instances.len() >= limits.max_instances {
-            // Bounded: drop an arbitrary instance; it is rebuilt when needed.
-            if let Some(k) = instances.keys().next().copied() {
-                instances.remove(&k);
-            }
+    if instances.len() >= limits.max_instances && !instances.contains_key(&key) {
+        // Bounded: drop an arbitrary instance; it is rebuilt when needed.
+        if let Some(k) = instances.keys().next().copied() {
+            instances.remove(&k);
         }
-        instances.insert(key, live);
     }
-    instances.get_mut(&key).ok_or_else(|| (failure(FailureKind::Unavailable, "no instance"), 0))
+    match instances.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            let Some(module) = runtime.module(&key.1) else {
+                return Err((failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"), 0));
+            };
+            let live = instantiate(runtime, &module).map_err(|f| (f, limits.fuel_per_call))?;
+            Ok(v.insert(live))
+        }
+    }
 }
 
 fn instantiate(runtime: &PluginRuntime, module: &Module) -> Result<Live, Failure> {

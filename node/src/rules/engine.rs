@@ -175,7 +175,7 @@ struct RuleState {
     /// How many groups this (window) rule has in its window class.
     lanes: usize,
     /// Window counters and key-value state of a plugin rule.
-    plugin: PluginState,
+    plugin: Box<PluginState>,
 }
 
 /// What the engine needs to run plugin rules.
@@ -1247,7 +1247,7 @@ fn rule_state<'a>(
             meta_dirty: true,
             groups: FastMap::default(),
             lanes: 0,
-            plugin: PluginState::default(),
+            plugin: Box::default(),
         }
     })
 }
@@ -1709,7 +1709,7 @@ fn call_plugin(
     plugins: &mut Option<EnginePlugins>,
     binding: &PluginBinding,
     rule: &CompiledRule,
-    state: &mut PluginState,
+    state: &mut Box<PluginState>,
     ev: &EventRecord,
     t: i64,
     clock: i64,

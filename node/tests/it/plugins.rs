@@ -49,7 +49,7 @@ fn event(payload: Value, at_ms: i64) -> EventRecord {
 
 struct Harness {
     host: PluginHost,
-    state: PluginState,
+    state: Box<PluginState>,
     digest: [u8; 32],
     config: Arc<[u8]>,
 }
@@ -59,7 +59,7 @@ impl Harness {
         let v = rt.compile(module).unwrap_or_else(|r| panic!("module refused: {r:?}"));
         Harness {
             host: PluginHost::new(rt.clone()),
-            state: PluginState::default(),
+            state: Box::default(),
             digest: v.digest,
             config: signalops::plugins::runtime::encode_config(&config),
         }
@@ -152,7 +152,7 @@ fn each_rule_calls_the_shared_instance_with_its_own_config() {
     let digest = rt.compile(&built("high-value")).unwrap().digest;
     let mut host = PluginHost::new(rt.clone());
     let (low, high) = (Uuid::from_u128(1), Uuid::from_u128(2));
-    let mut state = PluginState::default();
+    let mut state = Box::<PluginState>::default();
     let mut fires = |rule: Uuid, version: u32, config: &Value, amount: i64| {
         let ev = event(json!({"amount": amount}), 0);
         let config = signalops::plugins::runtime::encode_config(config);
