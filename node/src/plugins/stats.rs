@@ -189,9 +189,6 @@ struct Pending {
     nanos: Vec<u64>,
 }
 
-/// Most call times a batch keeps per plugin (the registry keeps the latest 1,024 anyway).
-const PENDING_TIMES: usize = TIMES_KEPT;
-
 impl PendingCalls {
     /// Records one call: decisions wait for [`flush`](PendingCalls::flush); a failure flushes
     /// the plugin's pending decisions and is recorded now.
@@ -216,12 +213,7 @@ impl PendingCalls {
         match &r.outcome {
             Outcome::Decision(d) => {
                 p.fired += d.fire as u64;
-                // Past the cap, the oldest times are overwritten.
-                if p.nanos.len() == PENDING_TIMES {
-                    p.nanos[(p.calls as usize) % PENDING_TIMES] = r.nanos;
-                } else {
-                    p.nanos.push(r.nanos);
-                }
+                p.nanos.push(r.nanos);
                 p.calls += 1;
             }
             Outcome::Failure(_) => {
