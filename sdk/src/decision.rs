@@ -1,6 +1,8 @@
 //! What a rule plugin answers for one event.
 
-use crate::msgpack::{encode, encode_str, map_header, Value};
+use std::fmt;
+
+use crate::msgpack::{decode, encode, encode_str, map_header, Value};
 
 /// Alert severities, as rules name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,19 +34,54 @@ impl Severity {
 ///     .field("count", 12i64);
 /// assert!(d.fires());
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Labels and fields are encoded as they are added, so a decision with fields costs one
+/// buffer rather than a string per name and a list of values.
+#[derive(Clone, PartialEq)]
 pub struct Decision {
     fire: bool,
     severity: Option<Severity>,
     title: Option<String>,
-    labels: Vec<(String, String)>,
-    fields: Vec<(String, Value)>,
+    labels: Entries,
+    fields: Entries,
+}
+
+/// MessagePack map entries (key, value, key, value, ...) and how many there are.
+#[derive(Clone, PartialEq, Default)]
+struct Entries {
+    count: usize,
+    bytes: Vec<u8>,
+}
+
+impl Entries {
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if self.bytes.capacity() == 0 {
+            self.bytes.reserve(64);
+        }
+        self.count += 1;
+        encode_str(key, &mut self.bytes);
+        &mut self.bytes
+    }
+
+    fn encode(&self, name: &str, out: &mut Vec<u8>) {
+        encode_str(name, out);
+        map_header(self.count, out);
+        out.extend_from_slice(&self.bytes);
+    }
+
+    /// The entries as a map value (what the host reads).
+    fn to_value(&self) -> Value {
+        let mut bytes = Vec::with_capacity(5 + self.bytes.len());
+        map_header(self.count, &mut bytes);
+        bytes.extend_from_slice(&self.bytes);
+        decode(&bytes).unwrap_or(Value::Nil)
+    }
 }
 
 impl Decision {
     /// Do not fire for this event.
     pub fn skip() -> Decision {
-        Decision { fire: false, severity: None, title: None, labels: Vec::new(), fields: Vec::new() }
+        Decision { fire: false, severity: None, title: None, labels: Entries::default(), fields: Entries::default() }
     }
 
     /// Fire, with a title for the alert.
@@ -59,17 +96,18 @@ impl Decision {
     }
 
     /// Adds a label to the alert (next to the rule's own labels).
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Decision {
-        self.labels.push((key.into(), value.into()));
+    pub fn label(mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Decision {
+        encode_str(value.as_ref(), self.labels.key(key.as_ref()));
         self
     }
 
     /// Adds a detail field to the alert.
-    pub fn field(mut self, key: impl Into<String>, value: impl Into<Value>) -> Decision {
-        self.fields.push((key.into(), value.into()));
+    pub fn field(mut self, key: impl AsRef<str>, value: impl Into<Value>) -> Decision {
+        encode(&value.into(), self.fields.key(key.as_ref()));
         self
     }
 
+    /// Whether the decision fires.
     pub fn fires(&self) -> bool {
         self.fire
     }
@@ -79,8 +117,8 @@ impl Decision {
         let mut n = 1;
         n += self.severity.is_some() as u8;
         n += self.title.is_some() as u8;
-        n += !self.labels.is_empty() as u8;
-        n += !self.fields.is_empty() as u8;
+        n += (self.labels.count > 0) as u8;
+        n += (self.fields.count > 0) as u8;
         out.push(0x80 | n);
         encode_str("fire", out);
         encode(&Value::Bool(self.fire), out);
@@ -92,21 +130,23 @@ impl Decision {
             encode_str("title", out);
             encode_str(t, out);
         }
-        if !self.labels.is_empty() {
-            encode_str("labels", out);
-            map_header(self.labels.len(), out);
-            for (k, v) in &self.labels {
-                encode_str(k, out);
-                encode_str(v, out);
-            }
+        if self.labels.count > 0 {
+            self.labels.encode("labels", out);
         }
-        if !self.fields.is_empty() {
-            encode_str("fields", out);
-            map_header(self.fields.len(), out);
-            for (k, v) in &self.fields {
-                encode_str(k, out);
-                encode(v, out);
-            }
+        if self.fields.count > 0 {
+            self.fields.encode("fields", out);
         }
+    }
+}
+
+impl fmt::Debug for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Decision")
+            .field("fire", &self.fire)
+            .field("severity", &self.severity)
+            .field("title", &self.title)
+            .field("labels", &self.labels.to_value())
+            .field("fields", &self.fields.to_value())
+            .finish()
     }
 }

@@ -43,6 +43,13 @@
 
 pub mod msgpack;
 
+#[cfg(any(test, all(target_arch = "wasm32", not(target_feature = "atomics"))))]
+mod allocator;
+
+#[cfg(all(feature = "allocator", target_arch = "wasm32", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: allocator::SizeClasses = allocator::SizeClasses::new();
+
 mod decision;
 mod event;
 pub mod host;
