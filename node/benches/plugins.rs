@@ -4,7 +4,8 @@
 //! fuel on every event in one partition while tenant B's events go through another).
 //!
 //! Needs the example plugins: run `plugins/build.sh` first.
-//! Run: `cargo bench -p signalops-node --bench plugins` (env: BENCH_EVENTS, BENCH_NOISY_SECS).
+//! Run: `cargo bench -p signalops-node --bench plugins` (env: BENCH_EVENTS, BENCH_ROUNDS,
+//! BENCH_NOISY_SECS, BENCH_NOISY_PHASES; BENCH_PROFILE for one plugin rule under a profiler).
 //! Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -249,7 +250,7 @@ fn main() {
         println!("call floor ({what}: decides without reading the event): {f:.2} µs/event");
     }
 
-    if env("BENCH_NOISY_SECS", 5) > 0 {
+    if env("BENCH_NOISY_SECS", 15) > 0 {
         noisy_neighbour(&rt);
     }
 }
@@ -258,7 +259,11 @@ fn main() {
 /// spinning plugin in partition 0 running flat out on another thread. Reports B's per-batch
 /// processing time percentiles (batches of 100 events, paced like a live partition).
 fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
-    let secs = env("BENCH_NOISY_SECS", 5) as u64;
+    // Idle and spinning phases alternate, short enough that a slow period of the machine falls
+    // on both: BENCH_NOISY_SECS each way in all, in BENCH_NOISY_PHASES phases each way.
+    let secs = env("BENCH_NOISY_SECS", 15) as u64;
+    let phases = env("BENCH_NOISY_PHASES", 15).max(1);
+    let phase = Duration::from_secs(secs) / phases as u32;
     let a = Uuid::now_v7();
     let b = Uuid::now_v7();
     let a_plugins = register(rt, a, &[("spin", wat_module("spin"))]);
@@ -278,8 +283,8 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
                "plugin": {"id": "high-value", "config": {"threshold": 150}}}),
     ];
     let b_set = set_of(vec![(b, tenant_rules(b, &b_rules, &b_plugins))]);
-    // Enough for `secs` at the pace below.
-    let b_events = payment_events(b, 50_000 * secs as usize + 1_000, 1000, 1);
+    // Enough for one phase at the pace below.
+    let b_events = payment_events(b, (50_000.0 * phase.as_secs_f64()) as usize + 1_000, 1000, 1);
 
     let measure = |noisy: bool| -> (Vec<f64>, u64) {
         let stop = Arc::new(AtomicBool::new(false));
@@ -309,7 +314,7 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
         let mut times = Vec::new();
         let started = Instant::now();
         let mut next = 0usize;
-        while started.elapsed() < Duration::from_secs(secs) && next + 100 <= b_events.len() {
+        while started.elapsed() < phase && next + 100 <= b_events.len() {
             let t0 = Instant::now();
             for ev in &b_events[next..next + 100] {
                 let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
@@ -328,9 +333,10 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
     };
     let pct = |t: &[f64], q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
     println!();
-    // Idle and spinning phases alternate, so a slow period of the machine falls on both.
-    let phases = env("BENCH_NOISY_PHASES", 3);
-    println!("noisy neighbour: tenant B's 100-event batches (partition 1), {phases} × {secs} s each way, µs");
+    println!(
+        "noisy neighbour: tenant B's 100-event batches (partition 1), {phases} × {:.1} s each way, µs",
+        phase.as_secs_f64()
+    );
     println!("{:<34} {:>8} {:>8} {:>8} {:>12}", "", "p50", "p99", "batches", "A's calls");
     let (mut quiet, mut noisy, mut burned) = (Vec::new(), Vec::new(), 0);
     for _ in 0..phases {
