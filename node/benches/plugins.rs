@@ -205,6 +205,20 @@ fn main() {
             std::hint::black_box(host.evaluate(tenant, &digest, &mut state, &input));
         }
         println!("  PluginHost::evaluate alone: {:.0} ns/call", started.elapsed().as_nanos() as f64 / calls as f64);
+        // Reading a module's output alone: a skip, an alert with a title, and one with fields.
+        let title = "amount 2.5 is at least 0";
+        for out in [
+            json!({"fire": false}),
+            json!({"fire": true, "title": title}),
+            json!({"fire": true, "title": title, "fields": {"amount": 2.5, "threshold": 0.0}}),
+        ] {
+            let bytes = rmp_serde::to_vec_named(&out).unwrap();
+            let started = Instant::now();
+            for _ in 0..calls {
+                std::hint::black_box(signalops::plugins::runtime::decode_output(std::hint::black_box(&bytes)).unwrap());
+            }
+            println!("  decode_output alone, {out}: {:.0} ns", started.elapsed().as_nanos() as f64 / calls as f64);
+        }
         return;
     }
     let rounds = env("BENCH_ROUNDS", 5);

@@ -3,6 +3,7 @@
 //! statistics.
 
 pub mod guest_event;
+pub mod output;
 pub mod registry;
 pub mod runtime;
 pub mod state;

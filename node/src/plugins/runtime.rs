@@ -20,6 +20,7 @@ use wasmtime::{
 };
 
 use super::guest_event;
+use super::output::{read_output, Fields};
 use super::registry::PluginKind;
 use super::state::{PluginState, StateLimits};
 use crate::config::PluginsConfig;
@@ -132,8 +133,6 @@ pub fn kind_of(module: &Module) -> Option<PluginKind> {
 const HOST_CALL_FUEL: u64 = 200;
 /// Wasm stack per call.
 const MAX_WASM_STACK: usize = 512 * 1024;
-const MAX_TITLE_CHARS: usize = 1024;
-const MAX_LABELS: usize = 32;
 
 /// Why an uploaded module was refused. `status` is the HTTP status to answer with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +158,7 @@ pub enum FailureKind {
     FuelExhausted,
     /// The module tried to grow its memory past the cap.
     MemoryLimit,
-    /// The output is too large or not an ABI v1 decision.
+    /// The output is too large or not a decision map (see `sdk/ABI.md`).
     BadOutput,
     /// The plugin returned an error.
     PluginError,
@@ -200,21 +199,8 @@ pub struct Decision {
     pub title: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
-    pub fields: serde_json::Map<String, Value>,
-}
-
-/// The output map as a module writes it.
-#[derive(Deserialize)]
-struct RawOutput {
-    fire: Option<bool>,
-    severity: Option<String>,
-    title: Option<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    fields: serde_json::Map<String, Value>,
-    error: Option<String>,
+    #[serde(skip_serializing_if = "Fields::is_empty")]
+    pub fields: Fields,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -1106,7 +1092,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<PluginRequest, Failure> {
     })
 }
 
-/// Reads an ABI v1 output map.
+/// Reads a rule's output map (the same in ABI v1 and v2).
 pub fn decode_output(bytes: &[u8]) -> Result<Decision, Failure> {
     // Most calls decide not to fire, and say so in exactly these bytes (what the SDK writes for
     // `Decision::skip()`): `{"fire": false}` / `{"fire": true}`.
@@ -1116,29 +1102,16 @@ pub fn decode_output(bytes: &[u8]) -> Result<Decision, Failure> {
             severity: None,
             title: None,
             labels: BTreeMap::new(),
-            fields: serde_json::Map::new(),
+            fields: Fields::default(),
         });
     }
-    let raw: RawOutput = rmp_serde::from_slice(bytes)
-        .map_err(|e| failure(FailureKind::BadOutput, format!("output is not an ABI v1 decision map: {e}")))?;
-    if let Some(msg) = raw.error {
+    let out = read_output(bytes)
+        .map_err(|e| failure(FailureKind::BadOutput, format!("output is not a decision map: {e}")))?;
+    if let Some(msg) = out.error {
         return Err(failure(FailureKind::PluginError, msg));
     }
-    let fire = raw.fire.ok_or_else(|| failure(FailureKind::BadOutput, "output has no `fire`"))?;
-    let severity = match raw.severity {
-        None => None,
-        Some(s) => Some(
-            Severity::from_name(&s)
-                .ok_or_else(|| failure(FailureKind::BadOutput, format!("`severity` {s:?} is not a severity")))?,
-        ),
-    };
-    if raw.title.as_ref().is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS) {
-        return Err(failure(FailureKind::BadOutput, format!("`title` is longer than {MAX_TITLE_CHARS} characters")));
-    }
-    if raw.labels.len() > MAX_LABELS {
-        return Err(failure(FailureKind::BadOutput, format!("more than {MAX_LABELS} labels")));
-    }
-    Ok(Decision { fire, severity, title: raw.title, labels: raw.labels, fields: raw.fields })
+    let fire = out.fire.ok_or_else(|| failure(FailureKind::BadOutput, "output has no `fire`"))?;
+    Ok(Decision { fire, severity: out.severity, title: out.title, labels: out.labels, fields: out.fields })
 }
 
 /// Writes the ABI v1 input map.

@@ -1613,7 +1613,7 @@ fn new_alert(
         silence_id,
         actions: spec.actions.clone(),
         title: decision.and_then(|d| d.title.clone()),
-        details: decision.map(|d| d.fields.clone()).unwrap_or_default(),
+        details: decision.map(|d| d.fields.to_map()).unwrap_or_default(),
     }
 }
 

@@ -97,7 +97,7 @@ fn example_plugins_decide_from_config_window_counters_and_state() {
     let Outcome::Decision(d) = &r.outcome else { panic!("{r:?}") };
     assert!(d.fire);
     assert_eq!(d.title.as_deref(), Some("amount 1000 is at least 1000"));
-    assert_eq!(d.fields["amount"], json!(1000.0));
+    assert_eq!(d.fields.to_map()["amount"], json!(1000.0));
     assert!(r.fuel_used > 0);
     assert!(!hv.fires(json!({"other": 5000}), 0), "a missing field does not fire");
     let mut by_field = Harness::new(&rt, &built("high-value"), json!({"threshold": 10, "field": "order.total"}));
@@ -114,7 +114,7 @@ fn example_plugins_decide_from_config_window_counters_and_state() {
     assert!(!v.fires(json!({"card": "B"}), 102 * s));
     let r = v.call(json!({"card": "A"}), 105 * s);
     let Outcome::Decision(d) = &r.outcome else { panic!("{r:?}") };
-    assert!(d.fire && d.labels["card"] == "A" && d.fields["count"] == json!(3), "{d:?}");
+    assert!(d.fire && d.labels["card"] == "A" && d.fields.to_map()["count"] == json!(3), "{d:?}");
     assert_eq!(r.logs.len(), 1);
     assert_eq!(r.logs[0].message, "card=A: 3 events in 10s");
     // The rest of the burst does not fire again.
