@@ -5,7 +5,8 @@
 //!
 //! Needs the example plugins: run `plugins/build.sh` first.
 //! Run: `cargo bench -p signalops-node --bench plugins` (env: BENCH_EVENTS, BENCH_ROUNDS,
-//! BENCH_NOISY_SECS, BENCH_NOISY_PHASES; BENCH_PROFILE for one plugin rule under a profiler).
+//! BENCH_NOISY_SECS, BENCH_NOISY_PHASES; BENCH_PROFILE for one plugin rule under a profiler,
+//! BENCH_PROFILE_RULE for any one rule).
 //! Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -164,6 +165,18 @@ fn main() {
                    "plugin": {"id": "velocity", "config": {"key": "card", "max": 5, "seconds": 600}}}),
         ),
     ];
+    // BENCH_PROFILE_RULE='{...}': only run that rule (declarative or plugin), then stop.
+    if let Ok(rule) = std::env::var("BENCH_PROFILE_RULE") {
+        let rule: Value = serde_json::from_str(&rule).unwrap();
+        let sets = [
+            set_of(vec![(tenant, tenant_rules(tenant, &[], &plugins))]),
+            set_of(vec![(tenant, tenant_rules(tenant, &[rule], &plugins))]),
+        ];
+        let best = best_of_each(&rt, &evs, &sets, env("BENCH_ROUNDS", 5));
+        let us = |i: usize| best[i].0 * 1e6 / n as f64;
+        println!("rule: {:.2} µs/event over the baseline of {:.2} ({} alerts)", us(1) - us(0), us(0), best[1].1);
+        return;
+    }
     // BENCH_PROFILE=<plugin>: only run a rule of that plugin (for a profiler), with the config
     // in BENCH_PROFILE_CONFIG (JSON; default `{"threshold": 150}`), then stop.
     if let Ok(id) = std::env::var("BENCH_PROFILE") {
