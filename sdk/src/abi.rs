@@ -11,18 +11,22 @@
 //! event through the host.
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use crate::decision::Decision;
 use crate::event::Event;
 use crate::msgpack::{self, encode, encode_str, Value};
 use crate::notification::{Notification, Request};
+use crate::RuleConfig;
 
 thread_local! {
     static INPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static OUTPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Each configured slot's config, decoded once.
-    static CONFIGS: RefCell<Vec<Option<Value>>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Each configured slot's config, prepared once by [`RuleConfig::from_config`] (or the reason
+/// it could not be). [`export_rule!`](crate::export_rule) keeps one table per plugin.
+pub type Slots<C> = RefCell<Vec<Option<Result<C, String>>>>;
 
 /// Makes the input buffer `len` bytes long and returns where it starts (0 for a negative
 /// length).
@@ -57,9 +61,10 @@ pub fn read_rule_input(bytes: &[u8]) -> Result<Value, String> {
     Ok(config_of(&v))
 }
 
-/// Runs one `signalops_configure` call: keeps the config for `slot`. Returns 0, or 1 (after
-/// logging why) when the input cannot be read.
-pub fn configure(slot: i32, len: i32) -> i32 {
+/// Runs one `signalops_configure` call: prepares the config for `slot` and keeps it. Returns 0,
+/// or 1 (after logging why) when the input cannot be read. A config the plugin refuses is kept
+/// as its reason: every call of that slot then fails with it, as the plugin's error.
+pub fn configure<C: RuleConfig>(slots: &'static LocalKey<Slots<C>>, slot: i32, len: i32) -> i32 {
     install_panic_hook();
     let config = INPUT.with(|b| {
         let b = b.borrow();
@@ -68,12 +73,13 @@ pub fn configure(slot: i32, len: i32) -> i32 {
     });
     match (usize::try_from(slot), config) {
         (Ok(slot), Ok(config)) => {
-            CONFIGS.with(|c| {
+            let prepared = C::from_config(&config);
+            slots.with(|c| {
                 let mut c = c.borrow_mut();
                 if c.len() <= slot {
-                    c.resize(slot + 1, None);
+                    c.resize_with(slot + 1, || None);
                 }
-                c[slot] = Some(config);
+                c[slot] = Some(prepared);
             });
             0
         }
@@ -147,12 +153,17 @@ pub fn run_notifier(_ptr: i32, len: i32, handler: fn(&Notification, &Value) -> R
 }
 
 /// Runs one `evaluate` call for the rule configured in `slot`.
-pub fn run_rule(slot: i32, handler: fn(&Event, &Value) -> Result<Decision, String>) -> i64 {
+pub fn run_rule<C: RuleConfig>(
+    slots: &'static LocalKey<Slots<C>>,
+    slot: i32,
+    handler: fn(&Event, &C) -> Result<Decision, String>,
+) -> i64 {
     // The panic hook was installed by `configure`, which the host calls before any `evaluate`.
-    let result = CONFIGS.with(|c| {
+    let result = slots.with(|c| {
         let c = c.borrow();
         match usize::try_from(slot).ok().and_then(|s| c.get(s)).and_then(Option::as_ref) {
-            Some(config) => handler(&Event::current(), config),
+            Some(Ok(config)) => handler(&Event::current(), config),
+            Some(Err(reason)) => Err(reason.clone()),
             None => Err(format!("slot {slot} was never configured")),
         }
     });
@@ -167,6 +178,28 @@ pub fn run_rule(slot: i32, handler: fn(&Event, &Value) -> Result<Decision, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        static CONFIGS: Slots<Value> = const { RefCell::new(Vec::new()) };
+        static PREPARED: Slots<Threshold> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A typed config: a required number.
+    struct Threshold(f64);
+
+    impl RuleConfig for Threshold {
+        fn from_config(config: &Value) -> Result<Threshold, String> {
+            config
+                .get("threshold")
+                .and_then(Value::as_f64)
+                .map(Threshold)
+                .ok_or_else(|| "config.threshold is required".into())
+        }
+    }
+
+    fn threshold(_: &Event, c: &Threshold) -> Result<Decision, String> {
+        Ok(Decision::fire(crate::number_text(c.0)))
+    }
 
     fn rule_input(abi: i64, config: Option<Value>) -> Vec<u8> {
         let mut entries = vec![("abi", Value::Int(abi))];
@@ -183,7 +216,7 @@ mod tests {
         let ptr = input_buffer(bytes.len() as i32);
         INPUT.with(|b| b.borrow_mut().copy_from_slice(bytes));
         assert_ne!(ptr, 0);
-        configure(slot, bytes.len() as i32)
+        configure(&CONFIGS, slot, bytes.len() as i32)
     }
 
     /// Echoes the slot's config back as the decision's title.
@@ -206,16 +239,34 @@ mod tests {
         assert_eq!(configure_with(0, &rule_input(2, Some(a))), 0);
         assert_eq!(configure_with(3, &rule_input(2, Some(b))), 0);
         assert_eq!(configure_with(1, &rule_input(2, Some(Value::Nil))), 0);
-        let title = |slot| output_of(run_rule(slot, echo)).get("title").and_then(Value::as_str).map(str::to_string);
+        let title =
+            |slot| output_of(run_rule(&CONFIGS, slot, echo)).get("title").and_then(Value::as_str).map(str::to_string);
         assert_eq!(title(0).as_deref(), Some("{\"threshold\":5}"));
         assert_eq!(title(3).as_deref(), Some("{\"threshold\":7}"));
         assert_eq!(title(1).as_deref(), Some("{}"), "no config is an empty map");
         // Slot 2 was never configured: the call fails as the plugin's error.
-        let out = output_of(run_rule(2, echo));
+        let out = output_of(run_rule(&CONFIGS, 2, echo));
         assert_eq!(out.get("error").and_then(Value::as_str), Some("slot 2 was never configured"));
         // Reconfiguring a slot replaces its config.
         assert_eq!(configure_with(0, &rule_input(2, Some(Value::map(vec![("x", Value::Bool(true))])))), 0);
         assert_eq!(title(0).as_deref(), Some("{\"x\":true}"));
+    }
+
+    /// A typed config is prepared once per slot; one the plugin refuses fails each call of its
+    /// slot with the reason.
+    #[test]
+    fn typed_configs_are_prepared_per_slot() {
+        let configure_typed = |slot, config| {
+            let bytes = rule_input(2, config);
+            input_buffer(bytes.len() as i32);
+            INPUT.with(|b| b.borrow_mut().copy_from_slice(&bytes));
+            configure(&PREPARED, slot, bytes.len() as i32)
+        };
+        assert_eq!(configure_typed(0, Some(Value::map(vec![("threshold", Value::Float(2.5))]))), 0);
+        assert_eq!(configure_typed(1, Some(Value::Map(Vec::new()))), 0);
+        let out = |slot| output_of(run_rule(&PREPARED, slot, threshold));
+        assert_eq!(out(0).get("title").and_then(Value::as_str), Some("2.5"));
+        assert_eq!(out(1).get("error").and_then(Value::as_str), Some("config.threshold is required"));
     }
 
     #[test]

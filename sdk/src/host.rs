@@ -333,17 +333,19 @@ pub mod testing {
 
     /// Runs a rule handler the way the node does: the host clock set to the event's time, and
     /// the event read through the (emulated) host functions.
-    pub fn evaluate(
-        handler: fn(&crate::Event, &crate::Value) -> Result<crate::Decision, String>,
+    /// The config is prepared as `export_rule!` does; one the plugin refuses is the result.
+    pub fn evaluate<C: crate::RuleConfig>(
+        handler: fn(&crate::Event, &C) -> Result<crate::Decision, String>,
         event: &crate::Event,
         config: &crate::Value,
     ) -> Result<crate::Decision, String> {
+        let config = C::from_config(config)?;
         super::imp::EMU.with(|e| {
             let mut e = e.borrow_mut();
             e.now_ms = event.occurred_at_ms();
             e.event = Some(event.to_map());
         });
-        let result = handler(&crate::Event::current(), config);
+        let result = handler(&crate::Event::current(), &config);
         super::imp::EMU.with(|e| e.borrow_mut().event = None);
         result
     }

@@ -3,10 +3,22 @@
 //!
 //! Config: `{"field": "country"}`. Seen values are kept in host key-value state.
 
-use signalops_sdk::{export_rule, host, Decision, Event, Value};
+use signalops_sdk::{export_rule, host, Decision, Event, RuleConfig, Value};
 
-fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
-    let field = config.get("field").and_then(Value::as_str).ok_or("config.field (a payload field) is required")?;
+/// The rule's config, read once per rule (not on every event).
+struct Config {
+    field: String,
+}
+
+impl RuleConfig for Config {
+    fn from_config(config: &Value) -> Result<Config, String> {
+        let field = config.get("field").and_then(Value::as_str).ok_or("config.field (a payload field) is required")?;
+        Ok(Config { field: field.to_string() })
+    }
+}
+
+fn evaluate(event: &Event, config: &Config) -> Result<Decision, String> {
+    let field = config.field.as_str();
     let value = match event.field(field).and_then(Value::into_key) {
         Some(v) => v,
         None => return Ok(Decision::skip()),
@@ -19,4 +31,4 @@ fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
     Ok(Decision::fire(format!("first {field} {value}")).label(field, value))
 }
 
-export_rule!(evaluate);
+export_rule!(evaluate, Config);

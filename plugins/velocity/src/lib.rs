@@ -9,15 +9,29 @@
 //! or below) fires anew. The rule's `group_by` and cooldown then decide whether that makes a
 //! new alert.
 
-use signalops_sdk::{export_rule, host, Decision, Event, Value};
+use signalops_sdk::{export_rule, host, Decision, Event, RuleConfig, Value};
 
-fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
-    let key = config.get("key").and_then(Value::as_str).ok_or("config.key (a payload field) is required")?;
-    let max = config.get("max").and_then(Value::as_i64).ok_or("config.max (an integer) is required")?;
-    let seconds = match config.get("seconds").and_then(Value::as_i64) {
-        Some(s) if s >= 1 && s <= host::MAX_WINDOW_SECONDS as i64 => s as u32,
-        _ => return Err(format!("config.seconds must be an integer from 1 to {}", host::MAX_WINDOW_SECONDS)),
-    };
+/// The rule's config, read once per rule (not on every event).
+struct Config {
+    key: String,
+    max: i64,
+    seconds: u32,
+}
+
+impl RuleConfig for Config {
+    fn from_config(config: &Value) -> Result<Config, String> {
+        let key = config.get("key").and_then(Value::as_str).ok_or("config.key (a payload field) is required")?;
+        let max = config.get("max").and_then(Value::as_i64).ok_or("config.max (an integer) is required")?;
+        let seconds = match config.get("seconds").and_then(Value::as_i64) {
+            Some(s) if s >= 1 && s <= host::MAX_WINDOW_SECONDS as i64 => s as u32,
+            _ => return Err(format!("config.seconds must be an integer from 1 to {}", host::MAX_WINDOW_SECONDS)),
+        };
+        Ok(Config { key: key.to_string(), max, seconds })
+    }
+}
+
+fn evaluate(event: &Event, config: &Config) -> Result<Decision, String> {
+    let (key, max, seconds) = (config.key.as_str(), config.max, config.seconds);
     // `key=value`, built in one buffer without `format!` (costly in WebAssembly, and this runs
     // on every event).
     let mut counter = String::with_capacity(key.len() + 32);
@@ -38,4 +52,4 @@ fn evaluate(event: &Event, config: &Value) -> Result<Decision, String> {
         .field("count", count))
 }
 
-export_rule!(evaluate);
+export_rule!(evaluate, Config);
