@@ -112,6 +112,15 @@ impl Decision {
         self.fire
     }
 
+    /// Whether this is `Decision::skip()` with nothing added.
+    pub(crate) fn is_bare_skip(&self) -> bool {
+        !self.fire
+            && self.severity.is_none()
+            && self.title.is_none()
+            && self.labels.count == 0
+            && self.fields.count == 0
+    }
+
     /// The output map (ABI.md, "Output").
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let mut n = 1;
