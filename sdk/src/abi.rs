@@ -219,11 +219,16 @@ mod tests {
         out
     }
 
-    fn configure_with(slot: i32, bytes: &[u8]) -> i32 {
+    /// Hands `bytes` to `signalops_configure` for `slot` of a plugin whose slots are `slots`.
+    fn configure_in<C: RuleConfig>(slots: &'static LocalKey<Slots<C>>, slot: i32, bytes: &[u8]) -> i32 {
         let ptr = input_buffer(bytes.len() as i32);
         INPUT.with(|b| b.borrow_mut().copy_from_slice(bytes));
         assert_ne!(ptr, 0);
-        configure(&CONFIGS, slot, bytes.len() as i32)
+        configure(slots, slot, bytes.len() as i32)
+    }
+
+    fn configure_with(slot: i32, bytes: &[u8]) -> i32 {
+        configure_in(&CONFIGS, slot, bytes)
     }
 
     /// Echoes the slot's config back as the decision's title.
@@ -263,12 +268,7 @@ mod tests {
     /// slot with the reason.
     #[test]
     fn typed_configs_are_prepared_per_slot() {
-        let configure_typed = |slot, config| {
-            let bytes = rule_input(2, config);
-            input_buffer(bytes.len() as i32);
-            INPUT.with(|b| b.borrow_mut().copy_from_slice(&bytes));
-            configure(&PREPARED, slot, bytes.len() as i32)
-        };
+        let configure_typed = |slot, config| configure_in(&PREPARED, slot, &rule_input(2, config));
         assert_eq!(configure_typed(0, Some(Value::map(vec![("threshold", Value::Float(2.5))]))), 0);
         assert_eq!(configure_typed(1, Some(Value::Map(Vec::new()))), 0);
         let out = |slot| output_of(run_rule(&PREPARED, slot, threshold));
