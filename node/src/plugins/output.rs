@@ -80,21 +80,22 @@ pub fn read_output(bytes: &[u8]) -> Result<Output, String> {
     let mut out = Output::default();
     let mut seen = [false; 6];
     for _ in 0..n {
-        let key = str_of(&mut rd)?.ok_or("a key of the output map is not a string")?;
+        // Keys are matched as bytes: a known key is valid UTF-8, and others are skipped.
+        let key = bytes_of(&mut rd)?.ok_or("a key of the output map is not a string")?;
         let slot = match key {
-            "fire" => 0,
-            "severity" => 1,
-            "title" => 2,
-            "labels" => 3,
-            "fields" => 4,
-            "error" => 5,
+            b"fire" => 0,
+            b"severity" => 1,
+            b"title" => 2,
+            b"labels" => 3,
+            b"fields" => 4,
+            b"error" => 5,
             _ => {
                 skip(&mut rd, false, 0)?;
                 continue;
             }
         };
         if std::mem::replace(&mut seen[slot], true) {
-            return Err(format!("duplicate member `{key}`"));
+            return Err(format!("duplicate member `{}`", String::from_utf8_lossy(key)));
         }
         if rd.first() == Some(&0xc0) {
             rd = &rd[1..];
@@ -178,8 +179,16 @@ fn map_len(rd: &mut &[u8]) -> Result<Option<usize>, String> {
     Ok(Some(n))
 }
 
-/// A string; `None` (nothing read) when the next value is not a string.
+/// A string, checked to be UTF-8; `None` (nothing read) when the next value is not a string.
 fn str_of<'a>(rd: &mut &'a [u8]) -> Result<Option<&'a str>, String> {
+    match bytes_of(rd)? {
+        Some(b) => std::str::from_utf8(b).map(Some).map_err(|_| "a string is not UTF-8".into()),
+        None => Ok(None),
+    }
+}
+
+/// A string's bytes, unchecked; `None` (nothing read) when the next value is not a string.
+fn bytes_of<'a>(rd: &mut &'a [u8]) -> Result<Option<&'a [u8]>, String> {
     let n = match rd.first().copied() {
         Some(m @ 0xa0..=0xbf) => {
             *rd = &rd[1..];
@@ -191,7 +200,7 @@ fn str_of<'a>(rd: &mut &'a [u8]) -> Result<Option<&'a str>, String> {
         }
         _ => return Ok(None),
     };
-    std::str::from_utf8(take(rd, n)?).map(Some).map_err(|_| "a string is not UTF-8".into())
+    take(rd, n).map(Some)
 }
 
 /// Skips one value. With `json`, only what a JSON value can hold passes: map keys are
@@ -201,7 +210,7 @@ fn skip(rd: &mut &[u8], json: bool, depth: u32) -> Result<(), String> {
         return Err(format!("nested deeper than {MAX_DEPTH}"));
     }
     if matches!(rd.first(), Some(0xa0..=0xbf | 0xd9..=0xdb)) {
-        return str_of(rd).map(drop);
+        return if json { str_of(rd).map(drop) } else { bytes_of(rd).map(drop) };
     }
     let m = Marker::from_u8(take(rd, 1)?[0]);
     let (len, items) = match m {
