@@ -4,7 +4,8 @@
 //! Run: `cargo bench -p signalops-node --bench ingest` (env: BENCH_EVENTS, BENCH_BATCH,
 //! BENCH_CONCURRENCY; BENCH_BASELINES=0 skips the raw JetStream and store-alone rows and
 //! BENCH_SUSTAINED=0 the sustained-load rows, for profiling one phase; BENCH_RAW sets the raw
-//! rate the sustained rows are shares of when the baselines are skipped). Prints figures;
+//! rate the sustained rows are shares of when the baselines are skipped; BENCH_SUSTAINED_BATCH
+//! the events per request of the sustained rows, default 100). Prints figures;
 //! asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -132,22 +133,22 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     buckets.iter().find(|b| b.1 >= q * total).map(|b| b.0).unwrap_or(f64::NAN)
 }
 
-/// Sends `rate` events/s (requests of 100 events) for `secs` seconds; returns the
+/// Sends `rate` events/s (requests of `per_request` events) for `secs` seconds; returns the
 /// accepted -> stored p50 and p99 bucket bounds of the events of this phase and the CPU spent
 /// per event until the last one was stored.
 async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64, offset: usize) -> Paced {
-    const PER_REQUEST: usize = 100;
+    let per_request = env("BENCH_SUSTAINED_BATCH", 100);
     let before = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
     let stored_before = metric(&before, "signalops_events_stored_total");
-    let requests = (rate * secs / PER_REQUEST as f64).round() as usize;
+    let requests = (rate * secs / per_request as f64).round() as usize;
     let bodies: Vec<bytes::Bytes> = (0..requests)
         .map(|r| {
-            let events: Vec<Value> = (0..PER_REQUEST).map(|i| sample_event(offset + r * PER_REQUEST + i)).collect();
+            let events: Vec<Value> = (0..per_request).map(|i| sample_event(offset + r * per_request + i)).collect();
             bytes::Bytes::from(serde_json::to_vec(&json!({ "events": events })).unwrap())
         })
         .collect();
     let cpu = Cpu::now(nats_pid);
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(PER_REQUEST as f64 / rate));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(per_request as f64 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut inflight = FuturesUnordered::new();
     let (mut ok, mut failed) = (0, 0);
@@ -181,7 +182,7 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
     while let Some(r) = inflight.next().await {
         count(r);
     }
-    let sent = ok * PER_REQUEST;
+    let sent = ok * per_request;
     let after = eventually(120, "paced events stored", || async {
         let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
         (metric(&text, "signalops_events_stored_total") >= stored_before + sent as f64).then_some(text)
@@ -351,13 +352,16 @@ async fn run() {
     // JetStream rate. Rows around it show where the node saturates. BENCH_RAW stands in for the
     // raw rate when the baselines are skipped.
     let raw = if raw.is_nan() { env("BENCH_RAW", 100_000) as f64 } else { raw };
-    println!("sustained load (requests of 100 events, 5 s each): accepted -> stored latency bucket bounds");
+    println!(
+        "sustained load (requests of {} events, 5 s each): accepted -> stored latency bucket bounds",
+        env("BENCH_SUSTAINED_BATCH", 100)
+    );
     let mut offset = n;
     let shares: &[f64] = if env("BENCH_SUSTAINED", 1) != 0 { &[0.3, 0.4, 0.5, 0.6] } else { &[] };
     for &share in shares {
         let rate = (raw * share / 1000.0).round() * 1000.0;
         let r = paced(&api, &metrics_url, nats.pid(), rate, 5.0, offset).await;
-        offset += r.sent + r.failed * 100;
+        offset += r.sent + r.failed * env("BENCH_SUSTAINED_BATCH", 100);
         println!(
             "  {rate:>8.0} events/s offered ({:.0}% of raw): p50 <= {} s, p99 <= {} s ({} requests failed); {}",
             share * 100.0,
