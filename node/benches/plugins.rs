@@ -215,7 +215,7 @@ fn main() {
         let calls = env("BENCH_CALLS", 200_000);
         let started = Instant::now();
         for _ in 0..calls {
-            std::hint::black_box(host.evaluate(tenant, &digest, &mut state, &input));
+            std::hint::black_box(host.evaluate(tenant, &digest, &mut state, &input, &mut ()));
         }
         println!("  PluginHost::evaluate alone: {:.0} ns/call", started.elapsed().as_nanos() as f64 / calls as f64);
         // Reading a module's output alone: a skip, an alert with a title, and one with fields.

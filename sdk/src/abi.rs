@@ -167,9 +167,13 @@ pub fn run_rule<C: RuleConfig>(
             None => Err(format!("slot {slot} was never configured")),
         }
     });
-    // Most calls skip: their output is always these bytes, kept in a static.
-    if matches!(&result, Ok(d) if d.is_bare_skip()) {
-        return ((SKIP.as_ptr() as usize as i64) << 32) | SKIP.len() as i64;
+    // Most calls skip, or fire toward an open alert: their output is always the same bytes,
+    // kept in a static.
+    if let Ok(d) = &result {
+        if d.is_bare() {
+            let out: &[u8] = if d.fires() { &FIRE } else { &SKIP };
+            return ((out.as_ptr() as usize as i64) << 32) | out.len() as i64;
+        }
     }
     OUTPUT.with(|o| {
         let mut o = o.borrow_mut();
@@ -181,6 +185,8 @@ pub fn run_rule<C: RuleConfig>(
 
 /// `{"fire": false}`, what [`Decision::skip()`] encodes to.
 static SKIP: [u8; 7] = [0x81, 0xa4, b'f', b'i', b'r', b'e', 0xc2];
+/// `{"fire": true}`, what [`Decision::fire_plain()`] encodes to.
+static FIRE: [u8; 7] = [0x81, 0xa4, b'f', b'i', b'r', b'e', 0xc3];
 
 #[cfg(test)]
 mod tests {
@@ -277,17 +283,26 @@ mod tests {
     }
 
     #[test]
-    fn a_skip_answers_the_static_bytes() {
-        let mut out = Vec::new();
-        Decision::skip().encode(&mut out);
-        assert_eq!(out, SKIP);
+    fn bare_decisions_answer_static_bytes() {
+        for (decision, bytes) in [(Decision::skip(), &SKIP), (Decision::fire_plain(), &FIRE)] {
+            let mut out = Vec::new();
+            decision.encode(&mut out);
+            assert_eq!(&out, bytes);
+        }
         fn skip(_: &Event, _: &Value) -> Result<Decision, String> {
             Ok(Decision::skip())
         }
+        fn plain(_: &Event, _: &Value) -> Result<Decision, String> {
+            Ok(Decision::fire_plain())
+        }
+        fn titled(_: &Event, _: &Value) -> Result<Decision, String> {
+            Ok(Decision::fire("t"))
+        }
         assert_eq!(configure_with(5, &rule_input(2, None)), 0);
-        let packed = run_rule(&CONFIGS, 5, skip);
         // (On wasm32 the high half is the address; natively the packing only keeps its low bits.)
-        assert_eq!(packed, ((SKIP.as_ptr() as usize as i64) << 32) | 7);
+        assert_eq!(run_rule(&CONFIGS, 5, skip), ((SKIP.as_ptr() as usize as i64) << 32) | 7);
+        assert_eq!(run_rule(&CONFIGS, 5, plain), ((FIRE.as_ptr() as usize as i64) << 32) | 7);
+        assert_eq!(output_of(run_rule(&CONFIGS, 5, titled)).get("title").and_then(Value::as_str), Some("t"));
     }
 
     #[test]

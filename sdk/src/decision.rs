@@ -89,6 +89,13 @@ impl Decision {
         Decision { fire: true, title: Some(title.into()), ..Decision::skip() }
     }
 
+    /// Fire with nothing else: no title, severity, labels or fields. For an event that only
+    /// counts toward an alert already open (see [`host::alert_open`](crate::host::alert_open)),
+    /// whose details the node would not use.
+    pub fn fire_plain() -> Decision {
+        Decision { fire: true, ..Decision::skip() }
+    }
+
     /// Overrides the rule's severity.
     pub fn severity(mut self, s: Severity) -> Decision {
         self.severity = Some(s);
@@ -112,13 +119,9 @@ impl Decision {
         self.fire
     }
 
-    /// Whether this is `Decision::skip()` with nothing added.
-    pub(crate) fn is_bare_skip(&self) -> bool {
-        !self.fire
-            && self.severity.is_none()
-            && self.title.is_none()
-            && self.labels.count == 0
-            && self.fields.count == 0
+    /// Whether this is `Decision::skip()` or `Decision::fire_plain()` with nothing added.
+    pub(crate) fn is_bare(&self) -> bool {
+        self.severity.is_none() && self.title.is_none() && self.labels.count == 0 && self.fields.count == 0
     }
 
     /// The output map (ABI.md, "Output").

@@ -70,6 +70,14 @@ pub fn now_ms() -> i64 {
     imp::now_ms()
 }
 
+/// Whether the rule already has an alert open for this event's group that a firing decision
+/// would only count toward: its title, severity, labels and fields would not be used. A plugin
+/// that builds costly alert text can then answer [`Decision::fire_plain`](crate::Decision::fire_plain).
+/// Always false in plugin test runs (no rule is behind them) and during `configure`.
+pub fn alert_open() -> bool {
+    imp::alert_open() == 1
+}
+
 /// Adds `delta` (zero or more) to the sliding-window counter `key` at the event's time, and
 /// returns the counter's sum over the last `seconds` seconds (including this addition).
 pub fn window_add(key: &str, seconds: u32, delta: i64) -> Result<i64, HostError> {
@@ -160,6 +168,12 @@ mod imp {
         fn host_state_set(key_ptr: i32, key_len: i32, val_ptr: i32, val_len: i32) -> i32;
         #[link_name = "state_delete"]
         fn host_state_delete(key_ptr: i32, key_len: i32) -> i32;
+        #[link_name = "alert_open"]
+        fn host_alert_open() -> i32;
+    }
+
+    pub fn alert_open() -> i32 {
+        unsafe { host_alert_open() }
     }
 
     pub fn log(level: i32, msg: &[u8]) {
@@ -238,6 +252,8 @@ mod imp {
         /// key → second → sum
         pub windows: HashMap<Vec<u8>, BTreeMap<i64, i64>>,
         pub state: HashMap<Vec<u8>, Vec<u8>>,
+        /// What `alert_open` answers.
+        pub alert_open: bool,
     }
 
     thread_local! {
@@ -250,6 +266,10 @@ mod imp {
 
     pub fn now_ms() -> i64 {
         EMU.with(|e| e.borrow().now_ms)
+    }
+
+    pub fn alert_open() -> i32 {
+        EMU.with(|e| i32::from(e.borrow().alert_open))
     }
 
     fn event_value(path: &[u8]) -> Option<crate::Value> {
@@ -324,6 +344,11 @@ pub mod testing {
     /// Clears windows, state and logs.
     pub fn reset() {
         super::imp::EMU.with(|e| *e.borrow_mut() = Default::default())
+    }
+
+    /// Sets what [`alert_open`](super::alert_open) answers from now on (false after `reset`).
+    pub fn set_alert_open(open: bool) {
+        super::imp::EMU.with(|e| e.borrow_mut().alert_open = open)
     }
 
     /// The log lines written so far, with their levels.

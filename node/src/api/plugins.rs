@@ -426,7 +426,7 @@ async fn test(
                     rule_id: Uuid::nil(),
                     rule_version: 0,
                 };
-                let report = host.evaluate(tenant_id, &digest, &mut plugin_state, &input);
+                let report = host.evaluate(tenant_id, &digest, &mut plugin_state, &input, &mut ());
                 TestResult { index, event_id: ev.id.clone(), report }
             })
             .collect::<Vec<_>>()

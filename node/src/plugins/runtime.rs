@@ -117,8 +117,10 @@ const IMPORTS: &[(&str, &str, &str)] = &[
     ("state_delete", "ii", "i"),
 ];
 
-/// Host functions added by ABI v2: the event, read by path.
-const EVENT_IMPORTS: &[(&str, &str, &str)] = &[("event_get", "iiii", "i"), ("event_number", "ii", "F")];
+/// Host functions added by ABI v2: the event, read by path, and whether the rule's alert for
+/// the event's group is open.
+const EVENT_IMPORTS: &[(&str, &str, &str)] =
+    &[("event_get", "iiii", "i"), ("event_number", "ii", "F"), ("alert_open", "", "i")];
 
 /// What a module is, by its entry point: `evaluate` makes a rule plugin, `render` a notifier.
 pub fn kind_of(module: &Module) -> Option<PluginKind> {
@@ -280,6 +282,56 @@ pub struct HostCtx {
     event: CallEvent,
     /// Where `event_get` encodes a value before copying it into the module's memory.
     scratch: Vec<u8>,
+    /// What answers `alert_open` during the rule call in progress.
+    alerts: CallAlerts,
+}
+
+/// What a rule call may ask about its rule's alerts (ABI v2 `alert_open`). The partition
+/// engine answers for the rule and event of the call, and only works the answer out when the
+/// plugin asks.
+pub trait RuleAlerts {
+    /// Whether a firing decision for the call's event would only count toward an alert the
+    /// rule already has open for the event's group (so its title, severity, labels and fields
+    /// would not be used).
+    fn alert_open(&mut self) -> bool;
+}
+
+/// A call with no rule behind it (a plugin test run): no alert is ever open.
+impl RuleAlerts for () {
+    fn alert_open(&mut self) -> bool {
+        false
+    }
+}
+
+/// The [`RuleAlerts`] of the rule call in progress, for `alert_open`. Like [`CallEvent`] it is
+/// a pointer, set by [`PluginHost::evaluate`] for the span of the call that borrows it and
+/// cleared before that call returns.
+#[derive(Default)]
+struct CallAlerts(Option<std::ptr::NonNull<dyn RuleAlerts>>);
+
+// SAFETY: as for `CallEvent`: only dereferenced by `alert_open`, on the thread that called into
+// the module, during `PluginHost::evaluate`, while the value it points to is borrowed by it.
+#[allow(unsafe_code)]
+unsafe impl Send for CallAlerts {}
+
+impl CallAlerts {
+    fn set(&mut self, alerts: Option<&mut dyn RuleAlerts>) {
+        self.0 = alerts.map(|a| {
+            let p: std::ptr::NonNull<dyn RuleAlerts + '_> = std::ptr::NonNull::from(a);
+            // SAFETY: only the lifetime is erased; the pointer is cleared before the borrow
+            // it comes from ends (see the type's docs).
+            #[allow(unsafe_code)]
+            unsafe {
+                std::mem::transmute::<std::ptr::NonNull<dyn RuleAlerts + '_>, std::ptr::NonNull<dyn RuleAlerts>>(p)
+            }
+        });
+    }
+
+    fn alert_open(&mut self) -> bool {
+        // SAFETY: see the type's docs: set only for the span of the call that borrows it.
+        #[allow(unsafe_code)]
+        self.0.is_some_and(|mut p| unsafe { p.as_mut() }.alert_open())
+    }
 }
 
 /// The event a rule plugin's call is about, for the host functions that read it. It is a
@@ -391,7 +443,7 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<HostCtx>> {
     for abi in [Abi::V1, Abi::V2] {
         define_host_functions(&mut l, abi.namespace())?;
     }
-    define_event_functions(&mut l, Abi::V2.namespace())?;
+    define_v2_functions(&mut l, Abi::V2.namespace())?;
     Ok(l)
 }
 
@@ -464,8 +516,9 @@ fn define_host_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result<
     Ok(())
 }
 
-/// ABI v2's event accessors, in namespace `ns`. A path that is not UTF-8 finds nothing.
-fn define_event_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result<()> {
+/// ABI v2's event accessors (a path that is not UTF-8 finds nothing) and `alert_open`, in
+/// namespace `ns`.
+fn define_v2_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result<()> {
     l.func_wrap(
         ns,
         "event_get",
@@ -503,6 +556,10 @@ fn define_event_functions(l: &mut Linker<HostCtx>, ns: &str) -> wasmtime::Result
             let found = std::str::from_utf8(path).ok().zip(ev).and_then(|(p, ev)| guest_event::lookup(ev, p));
             found.map_or(f64::NAN, |v| v.number())
         })
+    })?;
+    l.func_wrap(ns, "alert_open", |mut c: Caller<'_, HostCtx>| -> wasmtime::Result<i32> {
+        charge(&mut c, 0)?;
+        Ok(i32::from(c.data_mut().alerts.alert_open()))
     })?;
     Ok(())
 }
@@ -611,6 +668,7 @@ impl PluginRuntime {
             limits: self.limits,
             event: CallEvent::default(),
             scratch: Vec::new(),
+            alerts: CallAlerts::default(),
         };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|c| c as &mut dyn ResourceLimiter);
@@ -800,6 +858,7 @@ impl PluginHost {
             ctx.logs.clear();
             ctx.memory_denied = false;
             ctx.event.set(None);
+            ctx.alerts.set(None);
         }
         let result = call_buffer(live, input, limits).and_then(decode_request);
         let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
@@ -812,13 +871,15 @@ impl PluginHost {
     }
 
     /// Calls a rule plugin for one event, with `state` (the rule's plugin state) available to
-    /// the host functions. The state keeps the call's changes only if it returns a decision.
+    /// the host functions and `alerts` answering `alert_open`. The state keeps the call's
+    /// changes only if it returns a decision.
     pub fn evaluate(
         &mut self,
         tenant: TenantId,
         digest: &Digest,
         state: &mut Box<PluginState>,
         input: &CallInput<'_>,
+        alerts: &mut dyn RuleAlerts,
     ) -> CallReport {
         let started = self.clock.raw();
         let limits = self.runtime.limits;
@@ -844,6 +905,7 @@ impl PluginHost {
             ctx.logs.clear();
             ctx.memory_denied = false;
             ctx.event.set(Some(input.event));
+            ctx.alerts.set(Some(alerts));
         }
         let result = match live.entry {
             Entry::Buffer(_) => {
@@ -853,6 +915,7 @@ impl PluginHost {
             Entry::Slots { .. } => call_slot(live, input, buf, limits).and_then(decode_output),
         };
         live.store.data_mut().event.set(None);
+        live.store.data_mut().alerts.set(None);
         let fuel_used = limits.fuel_per_call.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let logs = std::mem::take(&mut live.store.data_mut().logs);
         std::mem::swap(&mut live.store.data_mut().state, state);

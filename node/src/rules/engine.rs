@@ -38,7 +38,7 @@ use super::effects::{
 use super::filter::Fields;
 use super::window::{distinct_hash, window_from_stored, Bucket, Insert, Timeline, Window};
 use crate::model::{EventRecord, TenantId};
-use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome};
+use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome, RuleAlerts};
 use crate::plugins::state::{Counter, EntryKey, PluginState};
 use crate::plugins::stats::PendingCalls;
 use crate::plugins::{PluginHost, PluginStatsRegistry};
@@ -765,17 +765,27 @@ impl Engine {
                 }
                 continue;
             }
+            let gc = compiled.group_class.get(i).copied().unwrap_or_default();
             let decision = match &rule.kind {
                 RuleKind::Plugin(binding) => {
                     let rs = rule_state(&mut ts.rules, rule, clock, &mut self.out, ev.tenant_id);
-                    match call_plugin(&mut self.plugins, binding, rule, &mut rs.plugin, ev, t, clock) {
+                    let mut alerts = GroupAlerts {
+                        keys: &mut self.group_keys,
+                        ready: &mut self.group_key_ready,
+                        gc,
+                        rule,
+                        fields: &mut fields,
+                        groups: &rs.groups,
+                        t,
+                        floor_ms: clock - self.cfg.allowed_lateness_ms,
+                    };
+                    match call_plugin(&mut self.plugins, binding, rule, &mut rs.plugin, ev, t, clock, &mut alerts) {
                         Some(d) if d.fire => Some(d),
                         _ => continue,
                     }
                 }
                 _ => None,
             };
-            let gc = compiled.group_class.get(i).copied().unwrap_or_default();
             let Some(key) = event_key(&mut self.group_keys, &mut self.group_key_ready, gc, rule, &mut fields) else {
                 continue;
             };
@@ -1397,11 +1407,16 @@ fn cooldown_over(rule: &CompiledRule, last_fired_ms: Option<i64>, at: i64) -> bo
     rule.cooldown_ms == 0 || last_fired_ms.is_none_or(|f| at.saturating_sub(f) >= rule.cooldown_ms)
 }
 
+/// Whether an event rule's open alert in `g` has seen no match for the rule's cooldown by `now`.
+fn event_alert_expired(rule: &CompiledRule, g: &GroupState, now: i64) -> bool {
+    g.open.is_some() && g.last_seen_ms.is_some_and(|last| now >= last.saturating_add(rule.cooldown_ms))
+}
+
 /// An event rule's open alert resolves once `cooldown` has passed since its last match.
 fn expire_event_alert(ctx: &Ctx<'_>, rule: &CompiledRule, g: &mut GroupState, out: &mut Out) {
     let now = g.head_ms.max(ctx.clock_ms - ctx.cfg.allowed_lateness_ms);
     let Some(last) = g.last_seen_ms else { return };
-    if g.open.is_some() && now >= last.saturating_add(rule.cooldown_ms) {
+    if event_alert_expired(rule, g, now) {
         if g.alert_dirty {
             refresh_event_ids(g);
         }
@@ -1703,8 +1718,36 @@ fn tick_tenant(ctx: &Ctx<'_>, ts: &mut TenantState, out: &mut Out) {
     }
 }
 
+/// Answers a plugin rule call's `alert_open` for its event: whether a match now would only
+/// count toward the open alert of the event's group, as `on_group_event` will treat it. The
+/// group key is built only when the plugin asks, and is then kept for the event's other rules.
+struct GroupAlerts<'a, 'e> {
+    keys: &'a mut [(String, GroupId)],
+    ready: &'a mut [bool],
+    gc: usize,
+    rule: &'a CompiledRule,
+    fields: &'a mut Fields<'e>,
+    groups: &'a FastMap<GroupId, Box<GroupState>>,
+    /// The event's effective time.
+    t: i64,
+    /// The engine clock less the allowed lateness (what alerts expire against).
+    floor_ms: i64,
+}
+
+impl RuleAlerts for GroupAlerts<'_, '_> {
+    fn alert_open(&mut self) -> bool {
+        let Some((_, gid)) = event_key(self.keys, self.ready, self.gc, self.rule, self.fields) else {
+            return false;
+        };
+        let Some(g) = self.groups.get(&gid) else { return false };
+        // `on_group_event` first moves the group's head to the event, then expires the alert.
+        g.open.is_some() && !event_alert_expired(self.rule, g, g.head_ms.max(self.t).max(self.floor_ms))
+    }
+}
+
 /// Calls a plugin rule's module for one event; failures are recorded (and the rule's event
 /// evaluation simply does not fire).
+#[allow(clippy::too_many_arguments)]
 fn call_plugin(
     plugins: &mut Option<EnginePlugins>,
     binding: &PluginBinding,
@@ -1713,6 +1756,7 @@ fn call_plugin(
     ev: &EventRecord,
     t: i64,
     clock: i64,
+    alerts: &mut dyn RuleAlerts,
 ) -> Option<Decision> {
     let p = plugins.as_mut()?;
     let input = CallInput {
@@ -1722,7 +1766,7 @@ fn call_plugin(
         rule_id: rule.rule.id,
         rule_version: rule.rule.version,
     };
-    let report = p.host.evaluate(ev.tenant_id, &binding.digest, state, &input);
+    let report = p.host.evaluate(ev.tenant_id, &binding.digest, state, &input, alerts);
     if let Some(stats) = &p.stats {
         p.pending.record(stats, ev.tenant_id, binding.plugin_id, &report, clock, p.max_consecutive_failures);
     }

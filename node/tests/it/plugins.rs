@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use signalops::config::PluginsConfig;
 use signalops::model::EventRecord;
-use signalops::plugins::runtime::{CallInput, CallReport, Outcome, PluginHost, PluginRuntime};
+use signalops::plugins::runtime::{CallInput, CallReport, Outcome, PluginHost, PluginRuntime, RuleAlerts};
 use signalops::plugins::state::PluginState;
 use signalops::plugins::FailureKind;
 use uuid::Uuid;
@@ -66,10 +66,15 @@ impl Harness {
     }
 
     fn call(&mut self, payload: Value, at_ms: i64) -> CallReport {
+        self.call_with(payload, at_ms, &mut ())
+    }
+
+    /// A call whose `alert_open` questions `alerts` answers.
+    fn call_with(&mut self, payload: Value, at_ms: i64, alerts: &mut dyn RuleAlerts) -> CallReport {
         let ev = event(payload, at_ms);
         let input =
             CallInput { event: &ev, time_ms: at_ms, config: &self.config, rule_id: Uuid::nil(), rule_version: 1 };
-        self.host.evaluate(Uuid::nil(), &self.digest, &mut self.state, &input)
+        self.host.evaluate(Uuid::nil(), &self.digest, &mut self.state, &input, alerts)
     }
 
     fn fires(&mut self, payload: Value, at_ms: i64) -> bool {
@@ -100,6 +105,27 @@ fn example_plugins_decide_from_config_window_counters_and_state() {
     assert_eq!(d.fields.to_map()["amount"], json!(1000.0));
     assert!(r.fuel_used > 0);
     assert!(!hv.fires(json!({"other": 5000}), 0), "a missing field does not fire");
+    // With the group's alert open, a match fires plainly (the node would drop the text); the
+    // plugin asks only when it matches.
+    struct Open(bool, u32);
+    impl RuleAlerts for Open {
+        fn alert_open(&mut self) -> bool {
+            self.1 += 1;
+            self.0
+        }
+    }
+    let mut open = Open(true, 0);
+    let plain = hv.call_with(json!({"amount": 1000}), 0, &mut open);
+    let Outcome::Decision(p) = &plain.outcome else { panic!("{plain:?}") };
+    assert!(p.fire && p.title.is_none() && p.fields.is_empty(), "{p:?}");
+    assert!(plain.fuel_used < r.fuel_used, "{} vs {}", plain.fuel_used, r.fuel_used);
+    assert!(!hv.fires(json!({"amount": 1}), 0));
+    let skip = hv.call_with(json!({"amount": 1}), 0, &mut open);
+    assert!(matches!(&skip.outcome, Outcome::Decision(d) if !d.fire));
+    assert_eq!(open.1, 1, "a skip does not ask");
+    let mut closed = Open(false, 0);
+    let titled = hv.call_with(json!({"amount": 1000}), 0, &mut closed);
+    assert_eq!(titled.outcome, r.outcome);
     let mut by_field = Harness::new(&rt, &built("high-value"), json!({"threshold": 10, "field": "order.total"}));
     assert!(by_field.fires(json!({"order": {"total": 12}}), 0));
     let mut no_config = Harness::new(&rt, &built("high-value"), json!({}));
@@ -157,7 +183,7 @@ fn each_rule_calls_the_shared_instance_with_its_own_config() {
         let ev = event(json!({"amount": amount}), 0);
         let config = signalops::plugins::runtime::encode_config(config);
         let input = CallInput { event: &ev, time_ms: 0, config: &config, rule_id: rule, rule_version: version };
-        match host.evaluate(Uuid::nil(), &digest, &mut state, &input).outcome {
+        match host.evaluate(Uuid::nil(), &digest, &mut state, &input, &mut ()).outcome {
             Outcome::Decision(d) => d.fire,
             Outcome::Failure(f) => panic!("{f:?}"),
         }
@@ -409,18 +435,18 @@ async fn plugins_are_tested_in_place_and_stay_within_their_tenant() {
 
 /// Plugin state is part of the engine's checkpoint: an engine restored from it keeps the
 /// values `first-seen` saw and the counts `velocity` made, and does not fire again for them.
-#[test]
-fn plugin_state_survives_a_checkpoint_and_restore() {
+use signalops::rules::compiled::RuleSet;
+use signalops::rules::engine::{Engine, EngineConfig, EnginePlugins, Input};
+
+/// The rule set of one tenant whose `rules` use the example plugins `names` (ids 1, 2, ...).
+fn plugin_rule_set(rt: &PluginRuntime, tenant: Uuid, names: &[&str], rules: &[Value]) -> RuleSet {
     use signalops::plugins::registry::{PluginKind, PluginRecord, PluginVersion};
-    use signalops::rules::compiled::{Plugins, Rule, RuleSet, TenantRules};
-    use signalops::rules::engine::{Engine, EngineConfig, EnginePlugins, Input};
+    use signalops::rules::compiled::{Plugins, Rule, TenantRules};
     use signalops::rules::spec::{parse_rule, RuleLimits};
     use std::collections::BTreeMap;
 
-    let rt = Arc::new(PluginRuntime::new(&small_limits()).unwrap());
-    let tenant = Uuid::now_v7();
     let mut plugins = Plugins::new();
-    for (i, name) in ["first-seen", "velocity"].iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let v = rt.compile(&built(name)).unwrap();
         let sha = signalops::plugins::runtime::digest_hex(&v.digest);
         let id = Uuid::from_u128(i as u128 + 1);
@@ -437,38 +463,48 @@ fn plugin_state_survives_a_checkpoint_and_restore() {
         plugins.insert(id, record);
     }
     let mut versions = BTreeMap::new();
-    for (i, r) in [
-        json!({"name": "new country", "event_types": ["login"], "plugin": {"id": "first-seen", "config": {"field": "country"}}}),
-        json!({"name": "busy", "event_types": ["login"], "group_by": ["payload.country"],
-               "plugin": {"id": "velocity", "config": {"key": "country", "max": 2, "seconds": 600}}}),
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, r) in rules.iter().enumerate() {
         let spec = parse_rule(r, &RuleLimits::default()).unwrap();
         let id = Uuid::from_u128(100 + i as u128);
         versions.insert(id, vec![Rule { id, tenant_id: tenant, version: 1, spec, created_at_ms: 0, updated_at_ms: 0 }]);
     }
     let rules = TenantRules::build(&versions, &plugins, tenant, Vec::new());
-    assert_eq!(rules.rules.len(), 2);
-    let set = RuleSet { revision: 1, tenants: [(tenant, Arc::new(rules))].into_iter().collect() };
-    let with_plugins = |mut e: Engine| {
-        e.set_plugins(EnginePlugins {
-            host: PluginHost::new(rt.clone()),
-            stats: None,
-            max_consecutive_failures: u32::MAX,
-            reports: None,
-            pending: Default::default(),
-        });
-        e
-    };
+    assert_eq!(rules.rules.len(), versions.len());
+    RuleSet { revision: 1, tenants: [(tenant, Arc::new(rules))].into_iter().collect() }
+}
+
+fn with_plugins(rt: &Arc<PluginRuntime>, mut e: Engine) -> Engine {
+    e.set_plugins(EnginePlugins {
+        host: PluginHost::new(rt.clone()),
+        stats: None,
+        max_consecutive_failures: u32::MAX,
+        reports: None,
+        pending: Default::default(),
+    });
+    e
+}
+
+#[test]
+fn plugin_state_survives_a_checkpoint_and_restore() {
+    let rt = Arc::new(PluginRuntime::new(&small_limits()).unwrap());
+    let tenant = Uuid::now_v7();
+    let set = plugin_rule_set(
+        &rt,
+        tenant,
+        &["first-seen", "velocity"],
+        &[
+            json!({"name": "new country", "event_types": ["login"], "plugin": {"id": "first-seen", "config": {"field": "country"}}}),
+            json!({"name": "busy", "event_types": ["login"], "group_by": ["payload.country"],
+                   "plugin": {"id": "velocity", "config": {"key": "country", "max": 2, "seconds": 600}}}),
+        ],
+    );
     let login = |country: &str, seq: u64| {
         let mut ev = event(json!({"country": country}), 1_800_000_000_000 + seq as i64 * 1000);
         ev.tenant_id = tenant;
         ev.event_type = "login".into();
         ev
     };
-    let mut engine = with_plugins(Engine::new(0, EngineConfig::default()));
+    let mut engine = with_plugins(&rt, Engine::new(0, EngineConfig::default()));
     let mut fired = Vec::new();
     for (seq, c) in [(1, "DE"), (2, "FR"), (3, "DE")] {
         engine.process(Input::Event { seq, record: &login(c, seq) }, &set);
@@ -480,8 +516,73 @@ fn plugin_state_survives_a_checkpoint_and_restore() {
     assert!(cp.puts.iter().any(|(k, _)| k.group.as_deref().is_some_and(|g| g.starts_with('\0'))), "plugin entries");
 
     // Restore from what the checkpoint wrote: DE and FR are known, DE already counted twice.
-    let mut restored = with_plugins(Engine::restore(0, EngineConfig::default(), effects.meta, cp.puts).unwrap());
+    let mut restored = with_plugins(&rt, Engine::restore(0, EngineConfig::default(), effects.meta, cp.puts).unwrap());
     restored.process(Input::Event { seq: 4, record: &login("DE", 4) }, &set);
     let after: Vec<String> = restored.take_effects(false).alerts.iter().map(|a| a.rule_name.clone()).collect();
     assert_eq!(after, ["busy"], "DE is not new; its third login within 600 s trips velocity");
+}
+
+/// `alert_open` as the engine answers it: high-value fires plainly only toward an alert
+/// already open for the event's card, so every new alert (a new card, or a card whose alert
+/// expired after the cooldown) has the plugin's title and fields, and every match counts.
+#[test]
+fn plugin_alert_details_come_from_the_match_that_opens_the_alert() {
+    let rt = Arc::new(PluginRuntime::new(&small_limits()).unwrap());
+    let tenant = Uuid::now_v7();
+    let set = plugin_rule_set(
+        &rt,
+        tenant,
+        &["high-value"],
+        &[json!({"name": "big", "event_types": ["payment.failed"], "group_by": ["payload.card"],
+                  "cooldown_seconds": 60, "plugin": {"id": "high-value", "config": {"threshold": 100}}})],
+    );
+    let mut engine = with_plugins(&rt, Engine::new(0, EngineConfig { allowed_lateness_ms: 0, ..Default::default() }));
+    engine.plugins_mut().unwrap().reports = Some(Vec::new());
+    let t0 = 1_800_000_000_000;
+    let mut seq = 0;
+    let mut pay = |engine: &mut Engine, card: &str, amount: f64, at_s: i64| {
+        seq += 1;
+        let mut ev = event(json!({"card": card, "amount": amount}), t0 + at_s * 1000);
+        ev.tenant_id = tenant;
+        engine.process(Input::Event { seq, record: &ev }, &set);
+    };
+    for (card, amount, at_s) in [("A", 150.0, 0), ("A", 200.0, 1), ("B", 120.0, 2), ("A", 50.0, 3), ("A", 300.0, 4)] {
+        pay(&mut engine, card, amount, at_s);
+    }
+    // The calls' own decisions: titled where a match opened an alert, plain where it counted.
+    let titled: Vec<bool> = engine
+        .plugins_mut()
+        .unwrap()
+        .reports
+        .take()
+        .unwrap()
+        .iter()
+        .map(|(_, _, r)| match &r.outcome {
+            Outcome::Decision(d) => d.title.is_some(),
+            Outcome::Failure(f) => panic!("{f:?}"),
+        })
+        .collect();
+    assert_eq!(titled, [true, false, true, false, false]);
+    let alerts = engine.take_effects(false).alerts;
+    let latest = |card: &str| {
+        alerts
+            .iter()
+            .rev()
+            .find(|a| a.group.get("payload.card") == Some(&json!(card)))
+            .unwrap_or_else(|| panic!("{alerts:?}"))
+    };
+    let (a, b) = (latest("A"), latest("B"));
+    assert_ne!(a.id, b.id);
+    assert_eq!(a.title.as_deref(), Some("amount 150 is at least 100"), "the opening match's text stays");
+    assert_eq!(a.details.get("amount"), Some(&json!(150.0)));
+    assert_eq!(a.value, 3.0, "three matches of A, the two plain ones included");
+    assert_eq!(b.title.as_deref(), Some("amount 120 is at least 100"), "another card's alert is new");
+
+    // 60 s after A's last match its alert expires: the next match opens a new one, with text.
+    pay(&mut engine, "A", 400.0, 70);
+    let alerts = engine.take_effects(false).alerts;
+    let reopened = alerts.iter().find(|a| a.title.as_deref() == Some("amount 400 is at least 100"));
+    let reopened = reopened.unwrap_or_else(|| panic!("{alerts:?}"));
+    assert_ne!(reopened.id, a.id);
+    assert_eq!(reopened.value, 1.0);
 }

@@ -3,7 +3,7 @@
 //! Config: `{"threshold": 1000, "field": "amount"}` (`field` defaults to `amount` and may be a
 //! dotted path into the payload).
 
-use signalops_sdk::{export_rule, push_number, Decision, Event, RuleConfig, Value};
+use signalops_sdk::{export_rule, host, push_number, Decision, Event, RuleConfig, Value};
 
 /// The rule's config, read once per rule (not on every event).
 struct Config {
@@ -33,6 +33,11 @@ fn evaluate(event: &Event, config: &Config) -> Result<Decision, String> {
     // Only the one number is read from the event.
     match event.get_number(&config.path) {
         Some(value) if value >= config.threshold => {
+            // While the alert for this event's group is open, a match only counts toward it:
+            // its text would go unused.
+            if host::alert_open() {
+                return Ok(Decision::fire_plain());
+            }
             // Built by hand: `format!` and float formatting cost thousands of instructions in
             // WebAssembly, on every alert.
             let field = config.field.as_str();
