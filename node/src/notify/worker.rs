@@ -705,8 +705,8 @@ fn system_alert(
         event_ids: Vec::new(),
         silence_id: None,
         actions: Vec::new(),
-        title: Some(title),
-        details,
+        title: Some(title.into()),
+        details: Arc::new(details),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Alerts (what rules produce, kept in the store) and silences (control-plane state).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -72,12 +73,17 @@ pub struct Alert {
     /// The rule's actions at firing time (delivered by the notification workers).
     #[serde(default)]
     pub actions: Vec<Value>,
-    /// A plugin's title for the alert.
+    /// A plugin's title for the alert. Shared, like `details`: an open alert is copied out
+    /// with every batch that updates it, and these never change once it fired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub title: Option<String>,
+    pub title: Option<Arc<str>>,
     /// A plugin's detail fields for the alert.
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
-    pub details: serde_json::Map<String, Value>,
+    #[serde(default, skip_serializing_if = "no_details")]
+    pub details: Arc<serde_json::Map<String, Value>>,
+}
+
+fn no_details(d: &Arc<serde_json::Map<String, Value>>) -> bool {
+    d.is_empty()
 }
 
 /// An operator's acknowledgement of an alert.

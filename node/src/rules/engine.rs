@@ -1627,8 +1627,8 @@ fn new_alert(
         event_ids,
         silence_id,
         actions: spec.actions.clone(),
-        title: decision.and_then(|d| d.title.clone()),
-        details: decision.map(|d| d.fields.to_map()).unwrap_or_default(),
+        title: decision.and_then(|d| d.title.as_deref()).map(Arc::from),
+        details: Arc::new(decision.map(|d| d.fields.to_map()).unwrap_or_default()),
     }
 }
 
