@@ -172,7 +172,7 @@ fn main() {
             set_of(vec![(tenant, tenant_rules(tenant, &[], &plugins))]),
             set_of(vec![(tenant, tenant_rules(tenant, &[rule], &plugins))]),
         ];
-        let best = best_of_each(&rt, &evs, &sets, env("BENCH_ROUNDS", 5));
+        let best = best_of_each(&rt, &evs, &sets, env("BENCH_ROUNDS", 9));
         let us = |i: usize| best[i].0 * 1e6 / n as f64;
         println!("rule: {:.2} µs/event over the baseline of {:.2} ({} alerts)", us(1) - us(0), us(0), best[1].1);
         return;
@@ -234,7 +234,7 @@ fn main() {
         }
         return;
     }
-    let rounds = env("BENCH_ROUNDS", 5);
+    let rounds = env("BENCH_ROUNDS", 9);
     println!(
         "plugin rules vs declarative rules, one partition, one core: {n} events, 1000 cards, best of {rounds} rounds"
     );
