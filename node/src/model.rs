@@ -230,6 +230,31 @@ fn opt_string(obj: &mut Map<String, Value>, name: &str, prefix: &str, max: usize
     }
 }
 
+/// A server-made event id: a UUIDv7 whose timestamp is the event time, so ids sort by event
+/// time and the store can find an event from its id alone (see `store::embedded`). Within one
+/// millisecond, ids follow a process-wide 12-bit counter (arrival order, wrapping every 4,096
+/// ids); the remaining 62 bits are random.
+pub fn event_id(occurred_at_ms: i64) -> Uuid {
+    static COUNTER: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut bytes: [u8; 10] = rand::random();
+    bytes[..2].copy_from_slice(&(n & 0x0fff).to_be_bytes());
+    uuid::Builder::from_unix_timestamp_millis(occurred_at_ms.max(0) as u64, &bytes).into_uuid()
+}
+
+/// The millisecond timestamp of a UUIDv7 id given in its hyphenated form, if `id` is one.
+pub fn id_time_ms(id: &str) -> Option<i64> {
+    if id.len() != uuid::fmt::Hyphenated::LENGTH {
+        return None;
+    }
+    let u = Uuid::try_parse(id).ok()?;
+    if u.get_version_num() != 7 {
+        return None;
+    }
+    let b = u.as_bytes();
+    Some(i64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]))
+}
+
 /// Validates one event and turns it into a record. `prefix` is `events[i].` in a batch.
 pub fn validate_event(
     mut obj: Map<String, Value>,
@@ -301,7 +326,7 @@ pub fn validate_event(
     }
     let (id, idempotency_key) = match id {
         Some(id) => (id.clone(), Some(format!("id:{id}"))),
-        None => (Uuid::now_v7().to_string(), None),
+        None => (event_id(occurred_at_ms).to_string(), None),
     };
     Ok(EventRecord {
         id,
@@ -381,6 +406,24 @@ mod tests {
         assert_eq!(format_ms(r.occurred_at_ms), "2026-01-02T03:04:05.678Z");
         assert!(r.idempotency_key.is_none());
         assert_eq!(Uuid::parse_str(&r.id).map(|u| u.get_version_num()).ok(), Some(7));
+        assert_eq!(id_time_ms(&r.id), Some(r.occurred_at_ms), "a server id carries the event time");
+    }
+
+    #[test]
+    fn server_ids_sort_by_event_time_and_are_unique() {
+        let t = Uuid::now_v7();
+        let ids: Vec<String> = (0..500)
+            .map(|i| validate_event(obj(json!({"type": "a"})), "", t, 1_700_000_000_000 + i / 100).unwrap().id)
+            .collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.chunks(100).collect::<Vec<_>>().windows(2).all(|w| w[0].iter().max() < w[1].iter().min()));
+        // Within a millisecond they follow arrival, except where the 12-bit counter wraps (at
+        // most once in 500 ids).
+        assert!(ids.windows(2).filter(|w| w[0] > w[1]).count() <= 1, "ids follow event time, then arrival");
+        assert_eq!(id_time_ms(&ids[499]), Some(1_700_000_000_004));
+        assert_eq!(id_time_ms("ord-1"), None);
+        assert_eq!(id_time_ms(&Uuid::new_v4().to_string()), None);
     }
 
     #[test]

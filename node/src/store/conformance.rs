@@ -37,6 +37,7 @@ pub fn event(tenant: TenantId, event_type: &str, id: &str, occurred_at_ms: i64) 
 
 pub async fn run_all(store: &dyn EventStore) {
     upsert_by_id(store).await;
+    node_made_ids(store).await;
     newest_first_paging(store).await;
     time_range_and_type(store).await;
     tenant_isolation(store).await;
@@ -59,6 +60,48 @@ async fn upsert_by_id(store: &dyn EventStore) {
     assert!(!got.record.payload.contains_key("changed"));
     assert_eq!(got.record, record(t, "a", "x1", 100), "the stored record reads back whole");
     assert_eq!(got.position, LogPosition { partition: 1, sequence: 100 });
+    let page = store.query(t, EventQuery { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(page.events.len(), 2);
+}
+
+/// Events whose ids the node made (UUIDv7 carrying the event time) and producer ids that look
+/// like them: found by id, stored once, and a producer reusing such an id is a duplicate.
+async fn node_made_ids(store: &dyn EventStore) {
+    use super::{EventOutcome, WriteSet};
+    let t = Uuid::now_v7();
+    let at = 1_700_000_000_123;
+    let id = crate::model::event_id(at).to_string();
+    let first = encode(&record(t, "n", &id, at));
+    let write = |events: Vec<EncodedEvent>| {
+        let set = std::sync::Arc::new(WriteSet { events: vec![events.into()], effects: Vec::new() });
+        store.write(set, at)
+    };
+    assert_eq!(write(vec![first.clone()]).await.unwrap(), [EventOutcome::Stored]);
+    let got = store.get_event(t, &id).await.unwrap().unwrap();
+    assert_eq!(got.record, record(t, "n", &id, at));
+    assert!(store.get_event(Uuid::now_v7(), &id).await.unwrap().is_none(), "only within the tenant");
+    let unknown = crate::model::event_id(at).to_string();
+    assert!(store.get_event(t, &unknown).await.unwrap().is_none());
+    // A redelivery at the same position, and the same id from another position.
+    let mut moved = first.clone();
+    moved.position.sequence += 1;
+    assert_eq!(
+        write(vec![first.clone(), moved]).await.unwrap(),
+        [EventOutcome::AlreadyStored, EventOutcome::Duplicate]
+    );
+    // A producer sending the id it was given back, with another event time, is a duplicate too.
+    let mut reused = record(t, "n", &id, at - 5_000);
+    reused.idempotency_key = Some(format!("id:{id}"));
+    let mut reused = encode(&reused);
+    reused.position.sequence = 9;
+    assert_eq!(write(vec![reused]).await.unwrap(), [EventOutcome::Duplicate]);
+    assert_eq!(store.find_idempotent(t, vec![format!("id:{id}")], at).await.unwrap(), [Some(id.clone())]);
+    // A producer id that is a UUIDv7 of another time is found by id as well.
+    let foreign = crate::model::event_id(at - 60_000).to_string();
+    let mut own = record(t, "n", &foreign, at);
+    own.idempotency_key = Some(format!("id:{foreign}"));
+    assert_eq!(write(vec![encode(&own)]).await.unwrap(), [EventOutcome::Stored]);
+    assert_eq!(store.get_event(t, &foreign).await.unwrap().unwrap().record.occurred_at_ms, at);
     let page = store.query(t, EventQuery { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(page.events.len(), 2);
 }

@@ -2,7 +2,9 @@
 //! `<data-dir>/events`, laid out as [`super::keys`] describes:
 //! - `events`:  tenant(16) | day(4) | occurred_ms(8) | id  →  partition(4) | sequence(8) | record
 //!   (the MessagePack record bytes exactly as the log carries them)
-//! - `by_id`:   tenant(16) | id                             →  occurred_ms(8)
+//! - `by_id`:   tenant(16) | id                             →  occurred_ms(8), only for events
+//!   whose id is not a UUIDv7 carrying their event time (producer ids, mostly): the node's
+//!   own ids locate their event directly, which saves a third of the writes per event
 //! - `by_type`: tenant(16) | len(1) | type | occurred_ms(8) | id  →  (empty)
 //! - `idem`:    tenant(16) | `key:<key>`                    →  received_ms(8) | event id
 //! - `alerts`:  tenant(16) | alert id(16, time-ordered)    →  alert; `acks` the same key → ack
@@ -100,10 +102,26 @@ impl EmbeddedStore {
     }
 }
 
-fn position_of(s: &Inner, tenant: &TenantId, id: &str, by_id_value: &[u8]) -> Result<Option<LogPosition>, StoreError> {
-    let Some(ms) = ts_from(by_id_value) else { return Ok(None) };
-    let Some(v) = s.events.get(event_key(tenant, ms, id)).map_err(be)? else { return Ok(None) };
-    Ok(position_from(&v))
+/// Whether an event's id alone locates it: a UUIDv7 whose timestamp is the event time (every
+/// id the node makes; see [`crate::model::event_id`]). Only other events get a `by_id` entry.
+fn located_by_id(id: &str, occurred_ms: i64) -> bool {
+    crate::model::id_time_ms(id) == Some(occurred_ms)
+}
+
+/// The stored value of a tenant's event, found by id: through `by_id`, or else under the time
+/// its UUIDv7 id carries.
+fn find_event(s: &Inner, tenant: &TenantId, id: &str) -> Result<Option<fjall::Slice>, StoreError> {
+    if let Some(at) = s.by_id.get(tenant_key(tenant, id)).map_err(be)? {
+        let ms = ts_from(&at).ok_or_else(|| StoreError::Corrupt("by_id value".into()))?;
+        return match s.events.get(event_key(tenant, ms, id)).map_err(be)? {
+            Some(v) => Ok(Some(v)),
+            None => Err(StoreError::Corrupt(format!("event {id} is indexed but missing"))),
+        };
+    }
+    match crate::model::id_time_ms(id) {
+        Some(ms) => s.events.get(event_key(tenant, ms, id)).map_err(be),
+        None => Ok(None),
+    }
 }
 
 fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome>, StoreError> {
@@ -120,10 +138,17 @@ fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome
         let id_key = tenant_key(&r.tenant_id, &r.id);
         let existing = match seen.get(&id_key) {
             Some(p) => Some(Some(*p)),
-            None => match s.by_id.get(&id_key).map_err(be)? {
-                Some(v) => Some(position_of(s, &r.tenant_id, &r.id, &v)?),
-                None => None,
-            },
+            None => {
+                let own_id = !r.idempotency_key.as_deref().is_some_and(|k| k.starts_with("id:"));
+                let found = if own_id && located_by_id(&r.id, r.occurred_at_ms) {
+                    // The node made this id for this event: only an earlier copy of the same
+                    // event (a redelivery) can hold it, under the key it is about to take.
+                    s.events.get(event_key(&r.tenant_id, r.occurred_at_ms, &r.id)).map_err(be)?
+                } else {
+                    find_event(s, &r.tenant_id, &r.id)?
+                };
+                found.map(|v| position_from(&v))
+            }
         };
         if let Some(at) = existing {
             outcomes.push(if at == Some(r.position) { EventOutcome::AlreadyStored } else { EventOutcome::Duplicate });
@@ -151,7 +176,9 @@ fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome
         value.extend_from_slice(&r.record);
         let ms = r.occurred_at_ms;
         batch.insert(&s.events, event_key(&r.tenant_id, ms, &r.id), value);
-        batch.insert(&s.by_id, id_key.clone(), ts(ms).to_vec());
+        if !located_by_id(&r.id, ms) {
+            batch.insert(&s.by_id, id_key.clone(), ts(ms).to_vec());
+        }
         batch.insert(&s.by_type, type_key(&r.tenant_id, &r.event_type, ms, &r.id), Vec::new());
         if let Some(ik) = idem_key {
             let mut v = ts(r.received_at_ms).to_vec();
@@ -375,11 +402,9 @@ fn query_deliveries_sync(s: &Inner, tenant: TenantId, q: DeliveryQuery) -> Resul
 }
 
 fn get_sync(s: &Inner, tenant: TenantId, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-    let Some(at) = s.by_id.get(tenant_key(&tenant, id)).map_err(be)? else { return Ok(None) };
-    let ms = ts_from(&at).ok_or_else(|| StoreError::Corrupt("by_id value".into()))?;
-    match s.events.get(event_key(&tenant, ms, id)).map_err(be)? {
+    match find_event(s, &tenant, id)? {
         Some(v) => Ok(Some(decode(&v)?)),
-        None => Err(StoreError::Corrupt(format!("event {id} is indexed but missing"))),
+        None => Ok(None),
     }
 }
 
@@ -651,7 +676,7 @@ impl EventStore for EmbeddedStore {
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
                 if let Some(id) = key.strip_prefix("id:") {
-                    let found = s.by_id.contains_key(tenant_key(&tenant, id)).map_err(be)?;
+                    let found = find_event(s, &tenant, id)?.is_some();
                     out.push(found.then(|| id.to_string()));
                     continue;
                 }
