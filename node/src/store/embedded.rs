@@ -136,14 +136,17 @@ fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome
     let mut seen: HashMap<Vec<u8>, LogPosition> = HashMap::with_capacity(events);
     for r in set.events.iter().flat_map(|b| b.iter()) {
         let id_key = tenant_key(&r.tenant_id, &r.id);
+        let ms = r.occurred_at_ms;
+        let key = event_key(&r.tenant_id, ms, &r.id);
+        let located = located_by_id(&r.id, ms);
         let existing = match seen.get(&id_key) {
             Some(p) => Some(Some(*p)),
             None => {
                 let own_id = !r.idempotency_key.as_deref().is_some_and(|k| k.starts_with("id:"));
-                let found = if own_id && located_by_id(&r.id, r.occurred_at_ms) {
+                let found = if own_id && located {
                     // The node made this id for this event: only an earlier copy of the same
                     // event (a redelivery) can hold it, under the key it is about to take.
-                    s.events.get(event_key(&r.tenant_id, r.occurred_at_ms, &r.id)).map_err(be)?
+                    s.events.get(&key).map_err(be)?
                 } else {
                     find_event(s, &r.tenant_id, &r.id)?
                 };
@@ -174,9 +177,8 @@ fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome
         value.extend_from_slice(&r.position.partition.to_be_bytes());
         value.extend_from_slice(&r.position.sequence.to_be_bytes());
         value.extend_from_slice(&r.record);
-        let ms = r.occurred_at_ms;
-        batch.insert(&s.events, event_key(&r.tenant_id, ms, &r.id), value);
-        if !located_by_id(&r.id, ms) {
+        batch.insert(&s.events, key, value);
+        if !located {
             batch.insert(&s.by_id, id_key.clone(), ts(ms).to_vec());
         }
         batch.insert(&s.by_type, type_key(&r.tenant_id, &r.event_type, ms, &r.id), Vec::new());
@@ -402,10 +404,7 @@ fn query_deliveries_sync(s: &Inner, tenant: TenantId, q: DeliveryQuery) -> Resul
 }
 
 fn get_sync(s: &Inner, tenant: TenantId, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-    match find_event(s, &tenant, id)? {
-        Some(v) => Ok(Some(decode(&v)?)),
-        None => Ok(None),
-    }
+    find_event(s, &tenant, id)?.map(|v| decode(&v)).transpose()
 }
 
 fn query_sync(s: &Inner, tenant: TenantId, q: EventQuery) -> Result<EventPage, StoreError> {
