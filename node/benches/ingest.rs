@@ -5,7 +5,8 @@
 //! BENCH_CONCURRENCY; BENCH_BASELINES=0 skips the raw JetStream and store-alone rows and
 //! BENCH_SUSTAINED=0 the sustained-load rows, for profiling one phase; BENCH_RAW sets the raw
 //! rate the sustained rows are shares of when the baselines are skipped; BENCH_SUSTAINED_BATCH
-//! the events per request of the sustained rows, default 100). Prints figures;
+//! the events per request of the sustained rows, default 100; BENCH_SHARES the shares of the raw
+//! rate they run at, default 0.3,0.4,0.5,0.6). Prints figures;
 //! asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -148,21 +149,45 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
         })
         .collect();
     let cpu = Cpu::now(nats_pid);
+    let phase = Instant::now();
+    // Every 100 ms: events acknowledged to producers so far minus events stored so far, to
+    // tell a backlog in front of JetStream (slow 202s) from one behind it (slow owners).
+    let acked = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (acked, url) = (acked.clone(), metrics_url.to_string());
+        tokio::spawn(async move {
+            let mut behind = 0f64;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Ok(response) = reqwest::get(&url).await else { continue };
+                let Ok(text) = response.text().await else { continue };
+                let stored = metric(&text, "signalops_events_stored_total") - stored_before;
+                let a = acked.load(Ordering::SeqCst) as f64;
+                behind = behind.max(a - stored);
+                if a > 0.0 && stored >= a && phase.elapsed().as_secs_f64() > secs {
+                    return behind;
+                }
+            }
+        })
+    };
     let mut tick = tokio::time::interval(Duration::from_secs_f64(per_request as f64 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut inflight = FuturesUnordered::new();
     let (mut ok, mut failed) = (0, 0);
-    let mut count = |r: Result<bool, tokio::task::JoinError>| {
-        if matches!(r, Ok(true)) {
+    let mut latencies = Vec::with_capacity(requests);
+    let mut count = |r: Result<Option<Duration>, tokio::task::JoinError>| match r {
+        Ok(Some(l)) => {
             ok += 1;
-        } else {
-            failed += 1;
+            latencies.push(l);
         }
+        _ => failed += 1,
     };
     for body in bodies {
         tick.tick().await;
-        let api = api.clone();
+        let (api, acked) = (api.clone(), acked.clone());
         inflight.push(tokio::spawn(async move {
+            let t = Instant::now();
             let sent = api
                 .http
                 .post(format!("{}/v1/events", api.base))
@@ -171,7 +196,11 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
                 .body(body)
                 .send()
                 .await;
-            matches!(sent, Ok(r) if r.status() == 202)
+            let accepted = matches!(sent, Ok(r) if r.status() == 202);
+            if accepted {
+                acked.fetch_add(per_request, Ordering::SeqCst);
+            }
+            accepted.then(|| t.elapsed())
         }));
         while inflight.len() > 256 {
             if let Some(r) = inflight.next().await {
@@ -182,6 +211,7 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
     while let Some(r) = inflight.next().await {
         count(r);
     }
+    let offered_secs = phase.elapsed().as_secs_f64();
     let sent = ok * per_request;
     let after = eventually(120, "paced events stored", || async {
         let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
@@ -189,13 +219,26 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
     })
     .await;
     let cpu = cpu.per_event(nats_pid, sent);
+    let most_behind = sampler.await.unwrap();
+    latencies.sort();
+    let request_p99 = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or_default();
     // Each partition batch is evaluated once: the histogram's count is the batches run.
     let batch_count = |t: &str| metric(t, "signalops_rules_batch_duration_seconds_count");
     let per_batch = sent as f64 / (batch_count(&after) - batch_count(&before)).max(1.0);
     let b0 = buckets(&before, "signalops_accept_to_store_seconds");
     let b1 = buckets(&after, "signalops_accept_to_store_seconds");
     let diff: Vec<(f64, f64)> = b1.iter().zip(b0.iter()).map(|(a, b)| (a.0, a.1 - b.1)).collect();
-    Paced { p50: quantile(&diff, 0.5), p99: quantile(&diff, 0.99), sent, failed, cpu, per_batch }
+    Paced {
+        p50: quantile(&diff, 0.5),
+        p99: quantile(&diff, 0.99),
+        sent,
+        failed,
+        cpu,
+        per_batch,
+        request_p99,
+        sent_rate: sent as f64 / offered_secs,
+        most_behind,
+    }
 }
 
 struct Paced {
@@ -206,6 +249,12 @@ struct Paced {
     cpu: String,
     /// Events per partition batch (read, stored, evaluated and acked together).
     per_batch: f64,
+    /// Request latency (send to 202) p99.
+    request_p99: Duration,
+    /// Events per second acknowledged while the load was offered.
+    sent_rate: f64,
+    /// The most events acknowledged to producers and not yet stored at any 100 ms sample.
+    most_behind: f64,
 }
 
 /// The embedded store alone: batches of `batch` events, one durable commit each.
@@ -362,17 +411,24 @@ async fn run() {
         env("BENCH_SUSTAINED_BATCH", 100)
     );
     let mut offset = n;
-    let shares: &[f64] = if env("BENCH_SUSTAINED", 1) != 0 { &[0.3, 0.4, 0.5, 0.6] } else { &[] };
-    for &share in shares {
+    let shares: Vec<f64> = match std::env::var("BENCH_SHARES") {
+        Ok(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) if env("BENCH_SUSTAINED", 1) != 0 => vec![0.3, 0.4, 0.5, 0.6],
+        Err(_) => Vec::new(),
+    };
+    for share in shares {
         let rate = (raw * share / 1000.0).round() * 1000.0;
         let r = paced(&api, &metrics_url, nats.pid(), rate, 5.0, offset).await;
         offset += r.sent + r.failed * env("BENCH_SUSTAINED_BATCH", 100);
         println!(
-            "  {rate:>8.0} events/s offered ({:.0}% of raw): p50 <= {} s, p99 <= {} s ({} requests failed); {}; {:.0} events per partition batch",
+            "  {rate:>8.0} events/s offered ({:.0}% of raw), {:.0} acked: p50 <= {} s, p99 <= {} s ({} requests failed, request p99 {:?}); at most {:.0} events acked and not stored; {}; {:.0} events per partition batch",
             share * 100.0,
+            r.sent_rate,
             r.p50,
             r.p99,
             r.failed,
+            r.request_p99,
+            r.most_behind,
             r.cpu,
             r.per_batch
         );

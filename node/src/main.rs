@@ -9,7 +9,10 @@ use signalops::config::Config;
 use signalops::node::{self, Mode};
 
 // mimalloc: the ingest and processing paths allocate many small objects (JSON values, keys);
-// glibc malloc showed up as ~15% of CPU in the ingest benchmark.
+// glibc malloc showed up as ~15% of CPU in the ingest benchmark. Built without transparent
+// huge pages (`no_thp`): with them, every fresh allocator page faulted in and zeroed 2 MiB,
+// which took 6-9 % of the node's CPU under sustained ingest (store write batches and per-batch
+// maps are large, short-lived allocations).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
