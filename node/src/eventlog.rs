@@ -33,7 +33,7 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, OnceCell, Semaphore};
 
 use crate::config::StreamConfig;
-use crate::model::{EventRecord, TenantId};
+use crate::model::{EventRecord, OutgoingEvent, TenantId};
 use crate::telemetry;
 
 pub const STREAM: &str = "SIGNALOPS_EVENTS";
@@ -83,7 +83,7 @@ impl Subjects {
         Subjects { partitions, tenant: None, prefix: String::new() }
     }
 
-    fn of(&mut self, ev: &EventRecord) -> String {
+    fn of(&mut self, ev: &OutgoingEvent) -> String {
         if self.tenant != Some(ev.tenant_id) {
             let partition = partition_of(&ev.tenant_id, self.partitions);
             self.prefix = format!("events.{partition}.{}.", ev.tenant_id.hyphenated());
@@ -189,7 +189,7 @@ impl EventLog {
 
     /// Publishes the events, in order, and waits until JetStream has acknowledged them (or
     /// `timeout`). Results are in input order.
-    pub async fn publish(&self, events: &[EventRecord], timeout: Duration) -> Vec<Published> {
+    pub async fn publish(&self, events: &[OutgoingEvent], timeout: Duration) -> Vec<Published> {
         if events.len() > 1 && events.iter().all(|e| e.idempotency_key.is_none()) && self.fast_batches() {
             if let Some(results) = self.publish_fast(events, timeout).await {
                 metrics::counter!(telemetry::PUBLISHES, "mode" => "fast_batch").increment(1);
@@ -202,12 +202,7 @@ impl EventLog {
 
     /// One fast batch; `None` when the server turned the batch away before storing anything
     /// (too many batches in flight, or batching off), so the caller publishes pipelined.
-    async fn publish_fast(&self, events: &[EventRecord], timeout: Duration) -> Option<Vec<Published>> {
-        let mut bodies = Vec::with_capacity(events.len());
-        for ev in events {
-            // An event that does not encode is reported by the pipelined path, event by event.
-            bodies.push(Bytes::from(rmp_serde::to_vec_named(ev).ok()?));
-        }
+    async fn publish_fast(&self, events: &[OutgoingEvent], timeout: Duration) -> Option<Vec<Published>> {
         let fast = &self.fast;
         let _permit = fast.permits.acquire().await.ok()?;
         if let Err(e) = fast.listen().await {
@@ -230,14 +225,14 @@ impl EventLog {
         let mut subjects = Subjects::new(self.partitions);
         let mut sent = 0;
         let sending = async {
-            for (i, (ev, body)) in events.iter().zip(bodies).enumerate() {
+            for (i, ev) in events.iter().enumerate() {
                 let seq = i + 1;
                 let op = match seq {
                     s if s == n => FAST_COMMIT,
                     1 => FAST_START,
                     _ => FAST_APPEND,
                 };
-                if fast.client.publish_with_reply(subjects.of(ev), reply(seq, op), body).await.is_err() {
+                if fast.client.publish_with_reply(subjects.of(ev), reply(seq, op), ev.body.clone()).await.is_err() {
                     break;
                 }
                 sent += 1;
@@ -283,18 +278,11 @@ impl EventLog {
     }
 
     /// Every event with its own acknowledgement.
-    async fn publish_pipelined(&self, events: &[EventRecord], timeout: Duration) -> Vec<Published> {
+    async fn publish_pipelined(&self, events: &[OutgoingEvent], timeout: Duration) -> Vec<Published> {
         let mut pending = Vec::with_capacity(events.len());
         let mut subjects = Subjects::new(self.partitions);
         for ev in events {
-            let body = match rmp_serde::to_vec_named(ev) {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    pending.push(Err(e.to_string()));
-                    continue;
-                }
-            };
-            let mut msg = PublishMessage::build().payload(body);
+            let mut msg = PublishMessage::build().payload(ev.body.clone());
             if let Some(key) = &ev.idempotency_key {
                 msg = msg.message_id(format!("{}:{key}", ev.tenant_id.hyphenated()));
             }

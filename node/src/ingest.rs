@@ -20,7 +20,7 @@ use crate::cluster::state::Tenant;
 use crate::config::IngestConfig;
 use crate::error::{ApiError, ErrorKind};
 use crate::eventlog::{EventLog, Published};
-use crate::model::{self, EventRecord, TenantId};
+use crate::model::{self, OutgoingEvent, TenantId};
 use crate::store::EventStore;
 use crate::telemetry;
 
@@ -187,8 +187,6 @@ impl Ingestor {
             ));
         }
         let encoding = Encoding::from_content_type(req.content_type)?;
-        let value = encoding.decode(req.body)?;
-        let parsed = model::split_body(value, cfg.max_batch_events)?;
         if let Some(k) = req.idempotency_key {
             if !model::valid_name(k) {
                 return Err(ApiError::bad_request(
@@ -199,23 +197,52 @@ impl Ingestor {
         }
         let tenant = req.tenant;
         let now = model::now_ms();
-        let mut records = Vec::with_capacity(parsed.events.len());
-        for (i, obj) in parsed.events.into_iter().enumerate() {
-            let prefix = if parsed.batch { format!("events[{i}].") } else { String::new() };
-            let mut rec = model::validate_event(obj, &prefix, tenant.id, now)?;
-            if rec.idempotency_key.is_none() {
-                if let Some(k) = req.idempotency_key {
-                    rec.idempotency_key = Some(if parsed.batch { format!("key:{k}#{i}") } else { format!("key:{k}") });
+        // The header's key for event `i`, for events without their own id.
+        let header_key = |i: usize, batch: bool| {
+            req.idempotency_key.map(|k| if batch { format!("key:{k}#{i}") } else { format!("key:{k}") })
+        };
+        let encode_error = |prefix: &str, e: rmp_serde::encode::Error| {
+            ApiError::bad_request(format!("{prefix}payload"), format!("the event cannot be encoded: {e}"))
+        };
+        let records = match encoding {
+            Encoding::Json => {
+                let body = crate::jsonbody::parse(req.body, cfg.max_batch_events)?;
+                let mut records = Vec::with_capacity(body.events.len());
+                for (i, ev) in body.events.into_iter().enumerate() {
+                    let prefix = if body.batch { format!("events[{i}].") } else { String::new() };
+                    let mut fields = model::validate_fields(ev.fields, &prefix, now)?;
+                    let payload = match ev.payload {
+                        Some(raw) if model::check_json_payload(raw.get(), &prefix)? => Some(raw.get()),
+                        _ => None,
+                    };
+                    if fields.idempotency_key.is_none() {
+                        fields.idempotency_key = header_key(i, body.batch);
+                    }
+                    let rec = OutgoingEvent::encode_json(fields, payload, tenant.id, now);
+                    records.push(rec.map_err(|e| encode_error(&prefix, e))?);
                 }
+                records
             }
-            records.push(rec);
-        }
+            Encoding::MessagePack => {
+                let parsed = model::split_body(encoding.decode(req.body)?, cfg.max_batch_events)?;
+                let mut records = Vec::with_capacity(parsed.events.len());
+                for (i, obj) in parsed.events.into_iter().enumerate() {
+                    let prefix = if parsed.batch { format!("events[{i}].") } else { String::new() };
+                    let mut rec = model::validate_event(obj, &prefix, tenant.id, now)?;
+                    if rec.idempotency_key.is_none() {
+                        rec.idempotency_key = header_key(i, parsed.batch);
+                    }
+                    records.push(OutgoingEvent::encode(rec).map_err(|e| encode_error(&prefix, e))?);
+                }
+                records
+            }
+        };
         let rate = tenant.limits.events_per_second.unwrap_or(cfg.default_events_per_second);
         self.inner.limits.check(tenant.id, rate, records.len() as u32)?;
         self.publish(records, now).await
     }
 
-    async fn publish(&self, records: Vec<EventRecord>, now: i64) -> Result<IngestResponse, ApiError> {
+    async fn publish(&self, records: Vec<OutgoingEvent>, now: i64) -> Result<IngestResponse, ApiError> {
         // Long-window deduplication against the store's durable records, one lookup per request.
         let keyed: Vec<usize> = (0..records.len()).filter(|&i| records[i].idempotency_key.is_some()).collect();
         let keys: Vec<String> = keyed.iter().filter_map(|&i| records[i].idempotency_key.clone()).collect();

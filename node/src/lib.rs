@@ -27,6 +27,7 @@ pub mod dev;
 pub mod error;
 pub mod eventlog;
 pub mod ingest;
+pub mod jsonbody;
 pub mod model;
 pub mod nats_ingest;
 pub mod natsd;

@@ -262,6 +262,62 @@ pub fn validate_event(
     tenant_id: TenantId,
     received_at_ms: i64,
 ) -> Result<EventRecord, ApiError> {
+    let payload = obj.remove("payload");
+    let fields = validate_fields(obj, prefix, received_at_ms)?;
+    let payload = match payload {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => {
+            let d = 1 + m.values().map(depth).max().unwrap_or(0);
+            if d > MAX_PAYLOAD_DEPTH {
+                return Err(too_deep(prefix, d));
+            }
+            m
+        }
+        Some(_) => return Err(not_an_object(prefix)),
+    };
+    Ok(EventRecord {
+        id: fields.id,
+        tenant_id,
+        event_type: fields.event_type,
+        payload,
+        source: fields.source,
+        user_id: fields.user_id,
+        session_id: fields.session_id,
+        occurred_at_ms: fields.occurred_at_ms,
+        received_at_ms,
+        idempotency_key: fields.idempotency_key,
+    })
+}
+
+fn too_deep(prefix: &str, depth: usize) -> ApiError {
+    ApiError::bad_request(
+        format!("{prefix}payload"),
+        format!("`payload` nests {depth} levels deep; the limit is {MAX_PAYLOAD_DEPTH}"),
+    )
+}
+
+fn not_an_object(prefix: &str) -> ApiError {
+    ApiError::bad_request(format!("{prefix}payload"), "`payload` must be an object")
+}
+
+/// An event's fields besides its payload, validated.
+pub struct EventFields {
+    pub id: String,
+    pub event_type: String,
+    pub source: Option<String>,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub occurred_at_ms: i64,
+    /// `id:<id>` when the producer gave the id.
+    pub idempotency_key: Option<String>,
+}
+
+/// Validates every field of an event but its payload (`obj` must not hold it).
+pub fn validate_fields(
+    mut obj: Map<String, Value>,
+    prefix: &str,
+    received_at_ms: i64,
+) -> Result<EventFields, ApiError> {
     let event_type = match obj.remove("type") {
         Some(Value::String(t)) if valid_type(&t) => t,
         Some(Value::String(_)) => {
@@ -272,20 +328,6 @@ pub fn validate_event(
         }
         Some(_) => return Err(ApiError::bad_request(format!("{prefix}type"), "`type` must be a string")),
         None => return Err(ApiError::bad_request(format!("{prefix}type"), "`type` is required")),
-    };
-    let payload = match obj.remove("payload") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => {
-            let d = 1 + m.values().map(depth).max().unwrap_or(0);
-            if d > MAX_PAYLOAD_DEPTH {
-                return Err(ApiError::bad_request(
-                    format!("{prefix}payload"),
-                    format!("`payload` nests {d} levels deep; the limit is {MAX_PAYLOAD_DEPTH}"),
-                ));
-            }
-            m
-        }
-        Some(_) => return Err(ApiError::bad_request(format!("{prefix}payload"), "`payload` must be an object")),
     };
     let id = match obj.remove("id") {
         None | Some(Value::Null) => None,
@@ -328,17 +370,141 @@ pub fn validate_event(
         Some(id) => (id.clone(), Some(format!("id:{id}"))),
         None => (event_id(occurred_at_ms).to_string(), None),
     };
-    Ok(EventRecord {
-        id,
+    Ok(EventFields { id, event_type, source, user_id, session_id, occurred_at_ms, idempotency_key })
+}
+
+/// Checks a payload given as raw JSON text: an object (or `null`, an empty payload) nesting at
+/// most [`MAX_PAYLOAD_DEPTH`] levels. The text must already be valid JSON.
+pub fn check_json_payload(raw: &str, prefix: &str) -> Result<bool, ApiError> {
+    let raw = raw.trim_start();
+    if raw.starts_with("null") {
+        return Ok(false);
+    }
+    if !raw.starts_with('{') {
+        return Err(not_an_object(prefix));
+    }
+    let d = json_depth(raw.as_bytes());
+    if d > MAX_PAYLOAD_DEPTH {
+        return Err(too_deep(prefix, d));
+    }
+    Ok(true)
+}
+
+/// The deepest nesting of objects and arrays in valid JSON text (brackets inside strings,
+/// escaped quotes included, do not count).
+fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// An accepted event on its way to the log: its MessagePack [`EventRecord`] and what the log
+/// routes and deduplicates on.
+#[derive(Debug, Clone)]
+pub struct OutgoingEvent {
+    pub id: String,
+    pub tenant_id: TenantId,
+    pub event_type: String,
+    pub idempotency_key: Option<String>,
+    /// MessagePack [`EventRecord`].
+    pub body: bytes::Bytes,
+}
+
+/// Serializes exactly as [`EventRecord`] does, with the payload given by anything
+/// serializable: a decoded map, or JSON text transcoded straight into MessagePack.
+#[derive(Serialize)]
+struct RecordOut<'a, P> {
+    id: &'a str,
+    tenant_id: TenantId,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    payload: P,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<&'a str>,
+    occurred_at_ms: i64,
+    received_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<&'a str>,
+}
+
+impl OutgoingEvent {
+    /// Encodes a record the way the log carries it.
+    pub fn encode(record: EventRecord) -> Result<Self, rmp_serde::encode::Error> {
+        let body = rmp_serde::to_vec_named(&record)?;
+        Ok(OutgoingEvent {
+            id: record.id,
+            tenant_id: record.tenant_id,
+            event_type: record.event_type,
+            idempotency_key: record.idempotency_key,
+            body: body.into(),
+        })
+    }
+
+    /// Encodes an event whose payload is JSON text (checked by [`check_json_payload`];
+    /// `None` for an empty payload), transcoding it into MessagePack without building it.
+    pub fn encode_json(
+        fields: EventFields,
+        payload: Option<&str>,
+        tenant_id: TenantId,
+        received_at_ms: i64,
+    ) -> Result<Self, rmp_serde::encode::Error> {
+        let body = match payload {
+            Some(json) => {
+                let mut de = serde_json::Deserializer::from_str(json);
+                encode_record(&fields, tenant_id, received_at_ms, serde_transcode::Transcoder::new(&mut de))?
+            }
+            None => encode_record(&fields, tenant_id, received_at_ms, Map::new())?,
+        };
+        Ok(OutgoingEvent {
+            id: fields.id,
+            tenant_id,
+            event_type: fields.event_type,
+            idempotency_key: fields.idempotency_key,
+            body: body.into(),
+        })
+    }
+}
+
+fn encode_record<P: Serialize>(
+    f: &EventFields,
+    tenant_id: TenantId,
+    received_at_ms: i64,
+    payload: P,
+) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(&RecordOut {
+        id: &f.id,
         tenant_id,
-        event_type,
+        event_type: &f.event_type,
         payload,
-        source,
-        user_id,
-        session_id,
-        occurred_at_ms,
+        source: f.source.as_deref(),
+        user_id: f.user_id.as_deref(),
+        session_id: f.session_id.as_deref(),
+        occurred_at_ms: f.occurred_at_ms,
         received_at_ms,
-        idempotency_key,
+        idempotency_key: f.idempotency_key.as_deref(),
     })
 }
 
@@ -441,6 +607,55 @@ mod tests {
         assert_eq!((back.id.as_str(), back.event_type.as_str(), back.tenant_id), ("e-1", "a.b", t));
         assert_eq!(back.idempotency_key.as_deref(), Some("id:e-1"));
         assert_eq!(decoded, r);
+    }
+
+    /// An event read as JSON text and one decoded into values reach the log as the same record.
+    #[test]
+    fn json_text_payloads_encode_as_decoded_ones_do() {
+        let t = Uuid::now_v7();
+        let payloads = [
+            r#"{"z": 1, "a": {"deep": [1, -2, 3.5, "x\"]y", null, true]}, "big": 18446744073709551615}"#,
+            r#"{"unicode": "caf\u00e9 \ud83d\ude00", "dup": 1, "dup": 2, "e": 1e3}"#,
+            "{}",
+        ];
+        for p in payloads {
+            let fields = json!({"type": "a.b", "id": "e-1", "source": "s", "occurred_at": "2026-01-02T03:04:05Z"});
+            let value: Value = serde_json::from_str(p).unwrap();
+            let mut with_payload = obj(fields.clone());
+            with_payload.insert("payload".into(), value);
+            let decoded = OutgoingEvent::encode(validate_event(with_payload, "", t, 9).unwrap()).unwrap();
+            let f = validate_fields(obj(fields), "", 9).unwrap();
+            let raw = check_json_payload(p, "").unwrap().then_some(p);
+            let text = OutgoingEvent::encode_json(f, raw, t, 9).unwrap();
+            let (a, b): (EventRecord, EventRecord) =
+                (rmp_serde::from_slice(&decoded.body).unwrap(), rmp_serde::from_slice(&text.body).unwrap());
+            assert_eq!(a, b, "{p}");
+            assert_eq!((text.id.as_str(), text.idempotency_key.as_deref()), ("e-1", Some("id:e-1")));
+        }
+        let f = validate_fields(obj(json!({"type": "a"})), "", 9).unwrap();
+        let empty = OutgoingEvent::encode_json(f, None, t, 9).unwrap();
+        let r: EventRecord = rmp_serde::from_slice(&empty.body).unwrap();
+        assert!(r.payload.is_empty());
+        assert_eq!(id_time_ms(&r.id), Some(9));
+    }
+
+    #[test]
+    fn json_text_payload_checks() {
+        let mut deep = "1".to_string();
+        for _ in 0..31 {
+            deep = format!("{{\"a\": {deep}}}");
+        }
+        // 31 levels inside the payload object: 32, the limit. Brackets in strings do not count.
+        let ok = format!("{{\"s\": \"[[[{{{{\\\"\", \"a\": {deep}}}");
+        assert_eq!(check_json_payload(&ok, "").ok(), Some(true));
+        let e = check_json_payload(&format!("{{\"a\": [{deep}]}}"), "events[1].").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("events[1].payload"));
+        assert!(e.detail.contains("33 levels"), "{}", e.detail);
+        assert_eq!(check_json_payload("null", "").ok(), Some(false));
+        for not_object in ["[1]", "3", "\"x\"", "true"] {
+            let e = check_json_payload(not_object, "").unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("payload"));
+        }
     }
 
     #[test]
