@@ -59,23 +59,17 @@ impl Encoding {
             .with_field("content-type")),
         }
     }
+}
 
-    pub fn decode(self, body: &[u8]) -> Result<Value, ApiError> {
-        match self {
-            Encoding::Json => {
-                serde_json::from_slice(body).map_err(|e| ApiError::bad_request("", format!("malformed JSON: {e}")))
-            }
-            Encoding::MessagePack => {
-                let mut de = rmp_serde::Deserializer::new(body);
-                let v: Value = serde::Deserialize::deserialize(&mut de)
-                    .map_err(|e| ApiError::bad_request("", format!("malformed MessagePack: {e}")))?;
-                if !de.get_ref().is_empty() {
-                    return Err(ApiError::bad_request("", "malformed MessagePack: trailing bytes after the body"));
-                }
-                Ok(v)
-            }
-        }
+/// Decodes a MessagePack body (JSON bodies are read by [`crate::jsonbody`]).
+pub fn decode_msgpack(body: &[u8]) -> Result<Value, ApiError> {
+    let mut de = rmp_serde::Deserializer::new(body);
+    let v: Value = serde::Deserialize::deserialize(&mut de)
+        .map_err(|e| ApiError::bad_request("", format!("malformed MessagePack: {e}")))?;
+    if !de.get_ref().is_empty() {
+        return Err(ApiError::bad_request("", "malformed MessagePack: trailing bytes after the body"));
     }
+    Ok(v)
 }
 
 type Limiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, governor::clock::DefaultClock>;
@@ -224,7 +218,7 @@ impl Ingestor {
                 records
             }
             Encoding::MessagePack => {
-                let parsed = model::split_body(encoding.decode(req.body)?, cfg.max_batch_events)?;
+                let parsed = model::split_body(decode_msgpack(req.body)?, cfg.max_batch_events)?;
                 let mut records = Vec::with_capacity(parsed.events.len());
                 for (i, obj) in parsed.events.into_iter().enumerate() {
                     let prefix = if parsed.batch { format!("events[{i}].") } else { String::new() };
@@ -328,12 +322,12 @@ mod tests {
     fn msgpack_decodes_and_rejects_garbage() {
         let v = serde_json::json!({"type": "a", "payload": {"n": 1}});
         let bytes = rmp_serde::to_vec_named(&v).unwrap();
-        assert_eq!(Encoding::MessagePack.decode(&bytes).unwrap(), v);
-        assert!(Encoding::MessagePack.decode(&[0xc1]).is_err());
+        assert_eq!(decode_msgpack(&bytes).unwrap(), v);
+        assert!(decode_msgpack(&[0xc1]).is_err());
         let mut trailing = bytes.clone();
         trailing.push(0x01);
-        assert!(Encoding::MessagePack.decode(&trailing).is_err());
-        assert!(Encoding::Json.decode(b"{\"type\":").is_err());
+        assert!(decode_msgpack(&trailing).is_err());
+        assert!(crate::jsonbody::parse(b"{\"type\":", 10).is_err());
     }
 
     #[test]

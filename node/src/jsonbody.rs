@@ -15,7 +15,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::error::{ApiError, ErrorKind};
+use crate::error::ApiError;
 
 /// One event of a JSON body: every field but the payload decoded, the payload as JSON text.
 pub struct JsonEvent<'a> {
@@ -45,16 +45,7 @@ pub fn parse(body: &[u8], max_events: usize) -> Result<JsonBody<'_>, ApiError> {
         return Err(ApiError::bad_request("payload", "a batch body has only the `events` member"));
     }
     let Some(items) = events else { return Err(ApiError::bad_request("events", "`events` must be an array")) };
-    if items.is_empty() {
-        return Err(ApiError::bad_request("events", "`events` must hold at least one event"));
-    }
-    if items.len() > max_events {
-        return Err(ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            format!("a batch holds at most {max_events} events; this one has {}", items.len()),
-        )
-        .with_field("events"));
-    }
+    crate::model::check_batch_len(items.len(), max_events)?;
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         match item {

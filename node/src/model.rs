@@ -196,16 +196,7 @@ pub fn split_body(body: Value, max_events: usize) -> Result<ParsedBody, ApiError
         let Value::Array(items) = events else {
             return Err(ApiError::bad_request("events", "`events` must be an array"));
         };
-        if items.is_empty() {
-            return Err(ApiError::bad_request("events", "`events` must hold at least one event"));
-        }
-        if items.len() > max_events {
-            return Err(ApiError::new(
-                crate::error::ErrorKind::PayloadTooLarge,
-                format!("a batch holds at most {max_events} events; this one has {}", items.len()),
-            )
-            .with_field("events"));
-        }
+        check_batch_len(items.len(), max_events)?;
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
             match item {
@@ -217,6 +208,21 @@ pub fn split_body(body: Value, max_events: usize) -> Result<ParsedBody, ApiError
     } else {
         Ok(ParsedBody { events: vec![obj], batch: false })
     }
+}
+
+/// A batch holds 1 to `max_events` events.
+pub fn check_batch_len(n: usize, max_events: usize) -> Result<(), ApiError> {
+    if n == 0 {
+        return Err(ApiError::bad_request("events", "`events` must hold at least one event"));
+    }
+    if n > max_events {
+        return Err(ApiError::new(
+            crate::error::ErrorKind::PayloadTooLarge,
+            format!("a batch holds at most {max_events} events; this one has {n}"),
+        )
+        .with_field("events"));
+    }
+    Ok(())
 }
 
 fn opt_string(obj: &mut Map<String, Value>, name: &str, prefix: &str, max: usize) -> Result<Option<String>, ApiError> {
