@@ -99,8 +99,7 @@ fn run(rt: &Arc<PluginRuntime>, events: &[EncodedEvent], set: &RuleSet) -> (f64,
     let mut alerts = 0;
     let started = Instant::now();
     for (i, ev) in events.iter().enumerate() {
-        let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
-        e.process(Input::Event { seq: ev.position.sequence, record: &record }, set);
+        e.process(Input::Logged { seq: ev.position.sequence, event: ev }, set);
         if (i + 1) % 500 == 0 {
             alerts += e.take_effects((i + 1) % 20_000 == 0).alerts.len();
         }
@@ -191,8 +190,7 @@ fn main() {
         let mut e = engine(0, &rt);
         e.plugins_mut().unwrap().reports = Some(Vec::new());
         for ev in &evs[..3] {
-            let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
-            e.process(Input::Event { seq: ev.position.sequence, record: &record }, &set);
+            e.process(Input::Logged { seq: ev.position.sequence, event: ev }, &set);
         }
         for (_, _, r) in e.plugins_mut().unwrap().reports.take().unwrap() {
             println!("  fuel {} ({} ns): {:?}", r.fuel_used, r.nanos, r.outcome);
@@ -325,8 +323,7 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
                 while !stop.load(Ordering::Relaxed) {
                     for ev in &evs {
                         seq += 1;
-                        let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
-                        e.process(Input::Event { seq, record: &record }, &set);
+                        e.process(Input::Logged { seq, event: ev }, &set);
                         calls += 1;
                         if stop.load(Ordering::Relaxed) {
                             break;
@@ -344,8 +341,7 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
         while started.elapsed() < phase && next + 100 <= b_events.len() {
             let t0 = Instant::now();
             for ev in &b_events[next..next + 100] {
-                let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
-                e.process(Input::Event { seq: ev.position.sequence, record: &record }, &b_set);
+                e.process(Input::Logged { seq: ev.position.sequence, event: ev }, &b_set);
             }
             e.take_effects(false);
             times.push(t0.elapsed().as_secs_f64() * 1e6);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use signalops::model::{EncodedEvent, EventRecord};
+use signalops::model::EncodedEvent;
 use signalops::rules::compiled::{Rule, RuleSet, TenantRules};
 use signalops::rules::engine::{Engine, EngineConfig, Input};
 use signalops::rules::spec::{parse_rule, RuleLimits};
@@ -66,8 +66,7 @@ fn run(events: &[EncodedEvent], set: &RuleSet) -> (f64, usize, usize) {
     let (mut alerts, mut checkpointed) = (0, 0);
     let started = Instant::now();
     for (i, ev) in events.iter().enumerate() {
-        let record: EventRecord = rmp_serde::from_slice(&ev.record).unwrap();
-        engine.process(Input::Event { seq: ev.position.sequence, record: &record }, set);
+        engine.process(Input::Logged { seq: ev.position.sequence, event: ev }, set);
         if (i + 1) % 500 == 0 {
             let effects = engine.take_effects((i + 1) % 20_000 == 0);
             alerts += effects.alerts.len();

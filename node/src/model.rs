@@ -74,18 +74,20 @@ pub struct EncodedEvent {
 }
 
 impl EncodedEvent {
-    /// The key fields of a log message body that is already decoded as `decoded`.
-    pub fn from_decoded(record: bytes::Bytes, decoded: &EventRecord, position: LogPosition) -> Self {
-        EncodedEvent {
-            tenant_id: decoded.tenant_id,
-            id: decoded.id.clone(),
-            event_type: decoded.event_type.clone(),
-            occurred_at_ms: decoded.occurred_at_ms,
-            received_at_ms: decoded.received_at_ms,
-            idempotency_key: decoded.idempotency_key.clone(),
+    /// Reads the key fields of a log message body; the payload must be a map but is skipped,
+    /// and the other attributes are left in the bytes.
+    pub fn decode(record: bytes::Bytes, position: LogPosition) -> Result<Self, rmp_serde::decode::Error> {
+        let head: RecordHead = rmp_serde::from_slice(&record)?;
+        Ok(EncodedEvent {
+            tenant_id: head.tenant_id,
+            id: head.id,
+            event_type: head.event_type,
+            occurred_at_ms: head.occurred_at_ms,
+            received_at_ms: head.received_at_ms,
+            idempotency_key: head.idempotency_key,
             position,
             record,
-        }
+        })
     }
 
     /// Encodes a record the way the log does.
@@ -101,6 +103,41 @@ impl EncodedEvent {
             position,
             record: bytes.into(),
         })
+    }
+}
+
+/// The fields of an [`EventRecord`] that [`EncodedEvent::decode`] reads.
+#[derive(Deserialize)]
+struct RecordHead {
+    id: String,
+    tenant_id: TenantId,
+    #[serde(rename = "type")]
+    event_type: String,
+    #[allow(dead_code)]
+    payload: SkippedMap,
+    occurred_at_ms: i64,
+    received_at_ms: i64,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// A map whose entries are skipped unread.
+struct SkippedMap;
+
+impl<'de> Deserialize<'de> for SkippedMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SkippedMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<SkippedMap, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(SkippedMap)
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
@@ -607,12 +644,19 @@ mod tests {
         r.source = Some("s".into());
         let pos = LogPosition { partition: 3, sequence: 9 };
         let enc = EncodedEvent::from_record(&r, pos).unwrap();
-        let decoded: EventRecord = rmp_serde::from_slice(&enc.record).unwrap();
-        let back = EncodedEvent::from_decoded(enc.record.clone(), &decoded, pos);
+        let back = EncodedEvent::decode(enc.record.clone(), pos).unwrap();
         assert_eq!(back, enc);
         assert_eq!((back.id.as_str(), back.event_type.as_str(), back.tenant_id), ("e-1", "a.b", t));
         assert_eq!(back.idempotency_key.as_deref(), Some("id:e-1"));
+        let decoded: EventRecord = rmp_serde::from_slice(&back.record).unwrap();
         assert_eq!(decoded, r);
+        // Not an event: the payload must be a map, and the key fields must be there.
+        let mut odd = serde_json::to_value(&r).unwrap();
+        odd["payload"] = json!([1]);
+        assert!(EncodedEvent::decode(rmp_serde::to_vec_named(&odd).unwrap().into(), pos).is_err());
+        odd.as_object_mut().unwrap().remove("payload");
+        assert!(EncodedEvent::decode(rmp_serde::to_vec_named(&odd).unwrap().into(), pos).is_err());
+        assert!(EncodedEvent::decode(bytes::Bytes::from_static(b"\x01"), pos).is_err());
     }
 
     /// An event read as JSON text and one decoded into values reach the log as the same record.

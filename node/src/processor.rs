@@ -33,7 +33,7 @@ use crate::cluster::state::Command;
 use crate::cluster::ControlPlane;
 use crate::config::RulesConfig;
 use crate::eventlog::EventLog;
-use crate::model::{now_ms, EncodedEvent, EventRecord, LogPosition, TenantId};
+use crate::model::{now_ms, EncodedEvent, LogPosition, TenantId};
 use crate::plugins::registry::Disabled;
 use crate::plugins::store::ModuleStore;
 use crate::plugins::{PluginHost, PluginRuntime, PluginStatsRegistry};
@@ -258,14 +258,14 @@ pub fn spawn_all(
 /// A batch read from the log, on its way to the evaluator.
 struct ReadBatch {
     items: Vec<Item>,
-    /// The events decoded (the log is read once), in the order of `events`.
-    records: Vec<EventRecord>,
+    /// The batch's events, as the store got them.
+    events: Arc<[EncodedEvent]>,
     outcomes: oneshot::Receiver<Vec<EventOutcome>>,
     last: async_nats::jetstream::Message,
 }
 
 enum Item {
-    /// An event: its index into the batch's events and records, and its log sequence.
+    /// An event: its index into the batch's events, and its log sequence.
     Event {
         index: usize,
         seq: u64,
@@ -393,10 +393,10 @@ async fn evaluate(
         }
         let checkpoint = last_checkpoint.elapsed() >= interval
             || engine.since_checkpoint() + batch.items.len() as u64 >= owners.rules.checkpoint_events;
-        let (items, records, ruleset) = (batch.items, batch.records, rules.clone());
+        let (items, events, ruleset) = (batch.items, batch.events, rules.clone());
         let started = Instant::now();
         let (back, effects) = tokio::task::spawn_blocking(move || {
-            run_engine(&mut engine, &items, &records, &outcomes, &ruleset);
+            run_engine(&mut engine, &items, &events, &outcomes, &ruleset);
             let effects = engine.take_effects(checkpoint);
             (engine, effects)
         })
@@ -456,7 +456,7 @@ async fn queue_jobs(queue: &crate::notify::queue::JobQueue, effects: &PartitionE
 fn run_engine(
     engine: &mut Engine,
     items: &[Item],
-    records: &[EventRecord],
+    events: &[EncodedEvent],
     outcomes: &[EventOutcome],
     rules: &RuleSet,
 ) {
@@ -466,9 +466,9 @@ fn run_engine(
             Item::Skip(seq) => engine.process(Input::Skip { seq: *seq }, rules),
             Item::Event { index, seq } => {
                 let seq = *seq;
-                match (records.get(*index), outcomes.get(*index)) {
-                    (Some(record), Some(outcome)) if *outcome != EventOutcome::Duplicate => {
-                        engine.process(Input::Event { seq, record }, rules)
+                match (events.get(*index), outcomes.get(*index)) {
+                    (Some(event), Some(outcome)) if *outcome != EventOutcome::Duplicate => {
+                        engine.process(Input::Logged { seq, event }, rules)
                     }
                     _ => engine.process(Input::Skip { seq }, rules),
                 }
@@ -497,7 +497,6 @@ async fn read_batches(
             },
         };
         let mut events = Vec::with_capacity(batch.len());
-        let mut records = Vec::with_capacity(batch.len());
         let mut items = Vec::with_capacity(batch.len());
         let mut last = None;
         for item in batch {
@@ -524,11 +523,10 @@ async fn read_batches(
                 continue;
             }
             let position = LogPosition { partition, sequence: seq };
-            match rmp_serde::from_slice::<EventRecord>(&msg.payload) {
-                Ok(record) if subject_matches(msg.subject.as_str(), partition, &record) => {
+            match EncodedEvent::decode(msg.payload.clone(), position) {
+                Ok(event) if subject_matches(msg.subject.as_str(), partition, &event) => {
                     items.push(Item::Event { index: events.len(), seq });
-                    events.push(EncodedEvent::from_decoded(msg.payload.clone(), &record, position));
-                    records.push(record);
+                    events.push(event);
                 }
                 Ok(_) => {
                     metrics::counter!(telemetry::EVENTS_UNDECODABLE, "reason" => "subject_mismatch").increment(1);
@@ -546,14 +544,14 @@ async fn read_batches(
         let Some(last) = last else { continue };
         let events: Arc<[EncodedEvent]> = events.into();
         let Some(outcomes) = writer.events(events.clone()).await else { return Ok(()) };
-        if to_eval.send(ReadBatch { items, records, outcomes, last }).await.is_err() {
+        if to_eval.send(ReadBatch { items, events, outcomes, last }).await.is_err() {
             anyhow::bail!("partition {partition} evaluator stopped");
         }
     }
 }
 
 /// The subject must be `events.<partition>.<tenant>.<type>` of the event it carries.
-fn subject_matches(subject: &str, partition: u32, ev: &EventRecord) -> bool {
+fn subject_matches(subject: &str, partition: u32, ev: &EncodedEvent) -> bool {
     let mut parts = subject.splitn(4, '.');
     let mut tenant = [0u8; uuid::fmt::Hyphenated::LENGTH];
     parts.next() == Some("events")
@@ -595,6 +593,7 @@ mod tests {
             1,
         )
         .unwrap();
+        let record = EncodedEvent::from_record(&record, LogPosition { partition: 5, sequence: 1 }).unwrap();
         let own = crate::eventlog::subject(5, &tenant, "payment.failed");
         assert!(subject_matches(&own, 5, &record));
         assert!(!subject_matches(&own, 4, &record), "another partition");

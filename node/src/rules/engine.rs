@@ -30,14 +30,15 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::alert::{alert_id, Alert, AlertKind, AlertState};
+use super::catalog;
 use super::compiled::{CompiledRule, PluginBinding, RuleKind, RuleSet, TenantRules, WindowClass};
 use super::effects::{
-    json_type, CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint,
-    StateKey, Transition, MAX_CATALOG_FIELDS,
+    CatalogDelta, CatalogEntry, EngineMeta, PartitionEffects, SeriesDelta, SeriesPoint, StateCheckpoint, StateKey,
+    Transition,
 };
 use super::filter::Fields;
 use super::window::{distinct_hash, window_from_stored, Bucket, Insert, Timeline, Window};
-use crate::model::{EventRecord, TenantId};
+use crate::model::{EncodedEvent, EventRecord, TenantId};
 use crate::plugins::runtime::{CallInput, CallReport, Decision, Outcome, RuleAlerts};
 use crate::plugins::state::{Counter, EntryKey, PluginState};
 use crate::plugins::stats::PendingCalls;
@@ -76,9 +77,6 @@ const CHECKPOINT_CHUNK: usize = 1 << 20;
 
 /// How many triggering event ids an alert keeps.
 pub const EVENT_SAMPLE: usize = 10;
-/// Payload nesting the catalog descends into.
-const CATALOG_DEPTH: usize = 4;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineConfig {
     pub allowed_lateness_ms: i64,
@@ -96,10 +94,43 @@ impl Default for EngineConfig {
 pub enum Input<'a> {
     /// An event the store holds at this position (not a duplicate of an earlier event).
     Event { seq: u64, record: &'a EventRecord },
+    /// The same, as the log carries it: the payload is decoded only if one of the tenant's
+    /// rules reads the event (most events of most tenants are only counted and catalogued).
+    Logged { seq: u64, event: &'a EncodedEvent },
     /// A clock tick published by the leader.
     Tick { seq: u64, at_ms: i64 },
     /// Anything else at this position (duplicates, undecodable messages).
     Skip { seq: u64 },
+}
+
+/// An event on its way into [`Engine::on_event`].
+#[derive(Clone, Copy)]
+enum Arrived<'a> {
+    Decoded(&'a EventRecord),
+    Encoded(&'a EncodedEvent),
+}
+
+impl<'a> Arrived<'a> {
+    fn key(self) -> (TenantId, &'a str) {
+        match self {
+            Arrived::Decoded(r) => (r.tenant_id, r.event_type.as_str()),
+            Arrived::Encoded(e) => (e.tenant_id, e.event_type.as_str()),
+        }
+    }
+
+    fn occurred_at_ms(self) -> i64 {
+        match self {
+            Arrived::Decoded(r) => r.occurred_at_ms,
+            Arrived::Encoded(e) => e.occurred_at_ms,
+        }
+    }
+
+    fn received_at_ms(self) -> i64 {
+        match self {
+            Arrived::Decoded(r) => r.received_at_ms,
+            Arrived::Encoded(e) => e.received_at_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -685,7 +716,9 @@ impl Engine {
 
     pub fn process(&mut self, input: Input<'_>, rules: &RuleSet) {
         let seq = match &input {
-            Input::Event { seq, .. } | Input::Tick { seq, .. } | Input::Skip { seq } => *seq,
+            Input::Event { seq, .. } | Input::Logged { seq, .. } | Input::Tick { seq, .. } | Input::Skip { seq } => {
+                *seq
+            }
         };
         if seq <= self.processed_seq {
             return;
@@ -694,7 +727,8 @@ impl Engine {
         self.since_checkpoint += 1;
         let announced = self.out.transitions.len();
         match input {
-            Input::Event { seq, record } => self.on_event(seq, record, rules),
+            Input::Event { seq, record } => self.on_event(seq, Arrived::Decoded(record), rules),
+            Input::Logged { seq, event } => self.on_event(seq, Arrived::Encoded(event), rules),
             Input::Tick { seq, at_ms } => self.on_tick(seq, at_ms, rules),
             Input::Skip { .. } => {}
         }
@@ -704,31 +738,57 @@ impl Engine {
         }
     }
 
-    fn on_event(&mut self, seq: u64, ev: &EventRecord, rules: &RuleSet) {
-        self.clock_ms = self.clock_ms.max(ev.received_at_ms);
+    fn on_event(&mut self, seq: u64, arrived: Arrived<'_>, rules: &RuleSet) {
+        let (tenant, event_type) = arrived.key();
+        self.clock_ms = self.clock_ms.max(arrived.received_at_ms());
         let counts = seq > self.committed_seq;
-        let Some(compiled) = rules.tenants.get(&ev.tenant_id) else {
+        let Some(compiled) = rules.tenants.get(&tenant) else {
             if counts {
-                self.count(ev, None, &[]);
+                self.count(arrived, None, &[]);
             }
-            if self.tenants.contains_key(&ev.tenant_id) {
-                self.drop_tenant(ev.tenant_id);
+            if self.tenants.contains_key(&tenant) {
+                self.drop_tenant(tenant);
             }
             return;
         };
         let clock = self.clock_ms;
-        let ts = self.tenants.entry(ev.tenant_id).or_default();
-        sync_tenant(ev.tenant_id, ts, compiled, clock, &mut self.out);
-        let index = match ts.by_type.get(ev.event_type.as_str()) {
+        let ts = self.tenants.entry(tenant).or_default();
+        sync_tenant(tenant, ts, compiled, clock, &mut self.out);
+        let index = match ts.by_type.get(event_type) {
             Some(i) => i.clone(),
             None => {
-                let i = type_index(compiled, &ev.event_type);
-                ts.by_type.insert(ev.event_type.clone(), i.clone());
+                let i = type_index(compiled, event_type);
+                ts.by_type.insert(event_type.to_string(), i.clone());
                 i
             }
         };
+        let decoded;
+        let ev = match arrived {
+            Arrived::Decoded(record) => record,
+            Arrived::Encoded(_) if index.rules.is_empty() && index.sum_fields.is_empty() => {
+                if counts {
+                    self.count(arrived, None, &[]);
+                }
+                return;
+            }
+            Arrived::Encoded(event) => match rmp_serde::from_slice::<EventRecord>(&event.record) {
+                Ok(record) => {
+                    decoded = record;
+                    &decoded
+                }
+                Err(e) => {
+                    // Stored, counted and catalogued; no rule sees it.
+                    metrics::counter!(telemetry::EVENTS_UNDECODABLE, "reason" => "decode").increment(1);
+                    tracing::warn!(partition = self.partition, seq, error = %e, "event cannot be decoded for its rules");
+                    if counts {
+                        self.count(arrived, None, &[]);
+                    }
+                    return;
+                }
+            },
+        };
         if counts {
-            self.count(ev, Some(compiled), &index.sum_fields);
+            self.count(Arrived::Decoded(ev), Some(compiled), &index.sum_fields);
         }
         if index.rules.is_empty() {
             return;
@@ -832,14 +892,15 @@ impl Engine {
 
     /// Series and catalog increments for one event; `sum_fields` are the rules whose numeric
     /// fields the series sums.
-    fn count(&mut self, ev: &EventRecord, compiled: Option<&Arc<TenantRules>>, sum_fields: &[usize]) {
-        let minute = ev.occurred_at_ms.div_euclid(60_000);
-        let point = self.out.series.entry((ev.tenant_id, ev.event_type.clone(), minute)).or_default();
+    fn count(&mut self, ev: Arrived<'_>, compiled: Option<&Arc<TenantRules>>, sum_fields: &[usize]) {
+        let (tenant, event_type) = ev.key();
+        let minute = ev.occurred_at_ms().div_euclid(60_000);
+        let point = self.out.series.entry((tenant, event_type.to_string(), minute)).or_default();
         point.count += 1;
-        if let Some(compiled) = compiled {
+        if let (Some(compiled), Arrived::Decoded(record)) = (compiled, ev) {
             for &i in sum_fields {
                 let Some(field) = compiled.rules.get(i).and_then(|r| r.numeric_field()) else { continue };
-                if let Some(v) = field.resolve(ev).and_then(|v| v.as_f64()) {
+                if let Some(v) = field.resolve(record).and_then(|v| v.as_f64()) {
                     match point.sums.get_mut(field.as_str()) {
                         Some(s) => *s += v,
                         None => {
@@ -849,17 +910,24 @@ impl Engine {
                 }
             }
         }
-        let entry = self.out.catalog.entry((ev.tenant_id, ev.event_type.clone())).or_default();
+        let entry = self.out.catalog.entry((tenant, event_type.to_string())).or_default();
+        let received = ev.received_at_ms();
         let seen = CatalogEntry {
             count: 1,
-            first_seen_ms: ev.received_at_ms,
-            last_seen_ms: ev.received_at_ms,
+            first_seen_ms: received,
+            last_seen_ms: received,
             fields: Default::default(),
             fields_truncated: false,
         };
         entry.merge(&seen);
-        let mut path = String::from("payload");
-        walk_fields(&ev.payload, &mut path, 1, entry);
+        match ev {
+            Arrived::Decoded(record) => catalog::note_payload(&record.payload, entry),
+            Arrived::Encoded(event) => {
+                if let Err(e) = catalog::note_encoded(&event.record, entry) {
+                    tracing::debug!(partition = self.partition, error = %e, "payload fields not catalogued");
+                }
+            }
+        }
     }
 
     /// Takes what was emitted since the last call. With `checkpoint`, also the state that
@@ -1027,36 +1095,6 @@ fn type_index(compiled: &TenantRules, event_type: &str) -> TypeIndex {
         .filter(|&i| compiled.rules[i].numeric_field().is_some_and(|f| seen.insert(f.as_str().to_string())))
         .collect();
     TypeIndex { rules: rules.into(), sum_fields: sum_fields.into() }
-}
-
-/// Records the JSON types of the payload's fields (`payload.a.b`) into a catalog entry.
-fn walk_fields(obj: &serde_json::Map<String, Value>, path: &mut String, depth: usize, entry: &mut CatalogEntry) {
-    for (k, v) in obj {
-        let len = path.len();
-        path.push('.');
-        path.push_str(k);
-        let bits = match v {
-            Value::Null => json_type::NULL,
-            Value::Bool(_) => json_type::BOOLEAN,
-            Value::Number(_) => json_type::NUMBER,
-            Value::String(_) => json_type::STRING,
-            Value::Array(_) => json_type::ARRAY,
-            Value::Object(_) => json_type::OBJECT,
-        };
-        if let Some(b) = entry.fields.get_mut(path.as_str()) {
-            *b |= bits;
-        } else if entry.fields.len() < MAX_CATALOG_FIELDS {
-            entry.fields.insert(path.clone(), bits);
-        } else {
-            entry.fields_truncated = true;
-        }
-        if let Value::Object(inner) = v {
-            if depth < CATALOG_DEPTH {
-                walk_fields(inner, path, depth + 1, entry);
-            }
-        }
-        path.truncate(len);
-    }
 }
 
 struct Ctx<'a> {
@@ -2211,5 +2249,68 @@ mod tests {
         }
         assert!(ids.slots.iter().all(|(id, refs)| id.is_none() && *refs == 0));
         assert_eq!(Arc::strong_count(&events[98]), 1);
+    }
+
+    /// Events as the log carries them are counted, catalogued and evaluated exactly as decoded
+    /// ones: for tenants with rules on the type, without rules on it, and without any rules.
+    #[test]
+    fn logged_events_have_the_effects_of_decoded_ones() {
+        let set = rules(&[
+            json!({"name": "sum", "event_types": ["payment.*"], "group_by": ["payload.card"],
+                   "window": {"seconds": 10, "aggregate": "sum", "field": "payload.amount", "op": "gt", "threshold": 20}}),
+            json!({"name": "each", "event_types": ["payment.*"], "filter": {"field": "payload.amount", "op": "gte", "value": 9}}),
+        ]);
+        let mut events = Vec::new();
+        for i in 0..60i64 {
+            let mut ev = event(
+                &format!("e{i}"),
+                1_000 * S + i * 300,
+                json!({"card": format!("c{}", i % 3),
+                "amount": i % 10, "meta": {"ok": i % 2 == 0, "tags": ["x"], "n": null}}),
+            );
+            match i % 3 {
+                1 => ev.event_type = "user.signup".into(),
+                2 => ev.tenant_id = Uuid::from_u128(8),
+                _ => {}
+            }
+            events.push(ev);
+        }
+        let encoded: Vec<EncodedEvent> = events
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                EncodedEvent::from_record(r, crate::model::LogPosition { partition: 0, sequence: i as u64 + 1 })
+                    .unwrap()
+            })
+            .collect();
+        let effects = |logged: bool| {
+            let mut e = Engine::new(0, cfg());
+            for (i, (r, enc)) in events.iter().zip(&encoded).enumerate() {
+                let seq = i as u64 + 1;
+                e.process(
+                    if logged { Input::Logged { seq, event: enc } } else { Input::Event { seq, record: r } },
+                    &set,
+                );
+            }
+            let fx = e.take_effects(true);
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            let mut checkpoint = fx.checkpoint.map(|c| c.puts).unwrap_or_default();
+            checkpoint.sort();
+            (
+                fx.alerts,
+                sorted(fx.series.iter().map(|d| format!("{d:?}")).collect()),
+                sorted(fx.catalog.iter().map(|d| format!("{d:?}")).collect()),
+                checkpoint,
+            )
+        };
+        let (decoded, logged) = (effects(false), effects(true));
+        assert!(!decoded.0.is_empty(), "the rules fire");
+        assert_eq!(decoded.1.len(), 3, "a series point per tenant and type");
+        assert!(decoded.1.iter().any(|p| p.contains("payload.amount")), "the sum field rides along: {:?}", decoded.1);
+        assert!(decoded.2.iter().all(|c| c.contains("payload.meta.ok")), "{:?}", decoded.2);
+        assert_eq!(logged, decoded);
     }
 }
