@@ -99,6 +99,8 @@ fn run(rt: &Arc<PluginRuntime>, events: &[EncodedEvent], set: &RuleSet) -> (f64,
     let mut alerts = 0;
     let started = Instant::now();
     for (i, ev) in events.iter().enumerate() {
+        // What the partition owner reads from each log message.
+        let ev = &EncodedEvent::decode(ev.record.clone(), ev.position).unwrap();
         e.process(Input::Logged { seq: ev.position.sequence, event: ev }, set);
         if (i + 1) % 500 == 0 {
             alerts += e.take_effects((i + 1) % 20_000 == 0).alerts.len();
@@ -190,6 +192,8 @@ fn main() {
         let mut e = engine(0, &rt);
         e.plugins_mut().unwrap().reports = Some(Vec::new());
         for ev in &evs[..3] {
+            // What the partition owner reads from each log message.
+            let ev = &EncodedEvent::decode(ev.record.clone(), ev.position).unwrap();
             e.process(Input::Logged { seq: ev.position.sequence, event: ev }, &set);
         }
         for (_, _, r) in e.plugins_mut().unwrap().reports.take().unwrap() {
@@ -323,6 +327,8 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
                 while !stop.load(Ordering::Relaxed) {
                     for ev in &evs {
                         seq += 1;
+                        // What the partition owner reads from each log message.
+                        let ev = &EncodedEvent::decode(ev.record.clone(), ev.position).unwrap();
                         e.process(Input::Logged { seq, event: ev }, &set);
                         calls += 1;
                         if stop.load(Ordering::Relaxed) {
@@ -341,6 +347,8 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
         while started.elapsed() < phase && next + 100 <= b_events.len() {
             let t0 = Instant::now();
             for ev in &b_events[next..next + 100] {
+                // What the partition owner reads from each log message.
+                let ev = &EncodedEvent::decode(ev.record.clone(), ev.position).unwrap();
                 e.process(Input::Logged { seq: ev.position.sequence, event: ev }, &b_set);
             }
             e.take_effects(false);
