@@ -185,7 +185,7 @@ async fn serve(
     }
     tracker.close();
 
-    let state = AppState {
+    let state = AppState::new(api::Services {
         control: control.clone(),
         ingestor,
         store: store.clone(),
@@ -199,7 +199,7 @@ async fn serve(
         plugin_cfg: cfg.plugins.clone(),
         notifier,
         notify_cfg: cfg.notify.clone(),
-    };
+    });
     tracing::info!(addr = %listener.local_addr()?, node_id = cfg.node_id, "serving HTTP");
     let http_intake = intake.clone();
     let served = axum::serve(listener, api::router(state))

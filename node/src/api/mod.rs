@@ -28,8 +28,26 @@ use crate::eventlog::EventLog;
 use crate::ingest::Ingestor;
 use crate::store::EventStore;
 
+/// What every handler gets: shared services behind one `Arc`, so that handing the state to a
+/// request (axum clones it for each) is one reference-count increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> AppState {
+        AppState(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+pub struct Services {
     pub control: ControlPlane,
     pub ingestor: Ingestor,
     pub store: Arc<dyn EventStore>,
