@@ -195,7 +195,7 @@ impl Ingestor {
         let header_key = |i: usize, batch: bool| {
             req.idempotency_key.map(|k| if batch { format!("key:{k}#{i}") } else { format!("key:{k}") })
         };
-        let encode_error = |prefix: &str, e: rmp_serde::encode::Error| {
+        let encode_error = |prefix: model::EventPath, e: rmp_serde::encode::Error| {
             ApiError::bad_request(format!("{prefix}payload"), format!("the event cannot be encoded: {e}"))
         };
         let records = match encoding {
@@ -203,17 +203,17 @@ impl Ingestor {
                 let body = crate::jsonbody::parse(req.body, cfg.max_batch_events)?;
                 let mut records = Vec::with_capacity(body.events.len());
                 for (i, ev) in body.events.into_iter().enumerate() {
-                    let prefix = if body.batch { format!("events[{i}].") } else { String::new() };
-                    let mut fields = model::validate_fields(ev.fields, &prefix, now)?;
+                    let prefix = model::EventPath(body.batch.then_some(i));
+                    let mut fields = model::validate_fields(ev.fields, prefix, now)?;
                     let payload = match ev.payload {
-                        Some(raw) if model::check_json_payload(raw.get(), &prefix)? => Some(raw.get()),
+                        Some(raw) if model::check_json_payload(raw.get(), prefix)? => Some(raw.get()),
                         _ => None,
                     };
                     if fields.idempotency_key.is_none() {
                         fields.idempotency_key = header_key(i, body.batch);
                     }
                     let rec = OutgoingEvent::encode_json(fields, payload, tenant.id, now);
-                    records.push(rec.map_err(|e| encode_error(&prefix, e))?);
+                    records.push(rec.map_err(|e| encode_error(prefix, e))?);
                 }
                 records
             }
@@ -221,12 +221,12 @@ impl Ingestor {
                 let parsed = model::split_body(decode_msgpack(req.body)?, cfg.max_batch_events)?;
                 let mut records = Vec::with_capacity(parsed.events.len());
                 for (i, obj) in parsed.events.into_iter().enumerate() {
-                    let prefix = if parsed.batch { format!("events[{i}].") } else { String::new() };
-                    let mut rec = model::validate_event(obj, &prefix, tenant.id, now)?;
+                    let prefix = model::EventPath(parsed.batch.then_some(i));
+                    let mut rec = model::validate_event(obj, prefix, tenant.id, now)?;
                     if rec.idempotency_key.is_none() {
                         rec.idempotency_key = header_key(i, parsed.batch);
                     }
-                    records.push(OutgoingEvent::encode(rec).map_err(|e| encode_error(&prefix, e))?);
+                    records.push(OutgoingEvent::encode(rec).map_err(|e| encode_error(prefix, e))?);
                 }
                 records
             }

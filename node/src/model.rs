@@ -3,6 +3,8 @@
 //! Validation happens before anything is published: a batch with one bad event is rejected
 //! whole, with the path of the field at fault (`events[3].type`).
 
+use std::fmt::{self, Display};
+
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -262,7 +264,12 @@ pub fn check_batch_len(n: usize, max_events: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn opt_string(obj: &mut Map<String, Value>, name: &str, prefix: &str, max: usize) -> Result<Option<String>, ApiError> {
+fn opt_string(
+    obj: &mut Map<String, Value>,
+    name: &str,
+    prefix: impl Display + Copy,
+    max: usize,
+) -> Result<Option<String>, ApiError> {
     match obj.remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() && s.len() <= max => Ok(Some(s)),
@@ -298,10 +305,25 @@ pub fn id_time_ms(id: &str) -> Option<i64> {
     Some(i64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]))
 }
 
-/// Validates one event and turns it into a record. `prefix` is `events[i].` in a batch.
+/// Where an event sits in a request body, as error fields name it: `events[3].` in a batch,
+/// nothing for a single event. Written out only when an error needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct EventPath(pub Option<usize>);
+
+impl Display for EventPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(i) => write!(f, "events[{i}]."),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Validates one event and turns it into a record. `prefix` is `events[i].` in a batch (an
+/// [`EventPath`], or any text).
 pub fn validate_event(
     mut obj: Map<String, Value>,
-    prefix: &str,
+    prefix: impl Display + Copy,
     tenant_id: TenantId,
     received_at_ms: i64,
 ) -> Result<EventRecord, ApiError> {
@@ -332,14 +354,14 @@ pub fn validate_event(
     })
 }
 
-fn too_deep(prefix: &str, depth: usize) -> ApiError {
+fn too_deep(prefix: impl Display + Copy, depth: usize) -> ApiError {
     ApiError::bad_request(
         format!("{prefix}payload"),
         format!("`payload` nests {depth} levels deep; the limit is {MAX_PAYLOAD_DEPTH}"),
     )
 }
 
-fn not_an_object(prefix: &str) -> ApiError {
+fn not_an_object(prefix: impl Display + Copy) -> ApiError {
     ApiError::bad_request(format!("{prefix}payload"), "`payload` must be an object")
 }
 
@@ -358,7 +380,7 @@ pub struct EventFields {
 /// Validates every field of an event but its payload (`obj` must not hold it).
 pub fn validate_fields(
     mut obj: Map<String, Value>,
-    prefix: &str,
+    prefix: impl Display + Copy,
     received_at_ms: i64,
 ) -> Result<EventFields, ApiError> {
     let event_type = match obj.remove("type") {
@@ -418,7 +440,7 @@ pub fn validate_fields(
 
 /// Checks a payload given as raw JSON text: an object (or `null`, an empty payload) nesting at
 /// most [`MAX_PAYLOAD_DEPTH`] levels. The text must already be valid JSON.
-pub fn check_json_payload(raw: &str, prefix: &str) -> Result<bool, ApiError> {
+pub fn check_json_payload(raw: &str, prefix: impl Display + Copy) -> Result<bool, ApiError> {
     let raw = raw.trim_start();
     if raw.starts_with("null") {
         return Ok(false);
