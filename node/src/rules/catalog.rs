@@ -111,8 +111,7 @@ impl<'de> Visitor<'de> for Fields<'_> {
             let len = self.path.len();
             self.path.push('.');
             self.path.push_str(key);
-            let descend = self.depth < DEPTH;
-            let field = Field { path: &mut *self.path, depth: self.depth, descend, entry: &mut *self.entry };
+            let field = Field { path: &mut *self.path, depth: self.depth, entry: &mut *self.entry };
             map.next_value_seed(field)?;
             self.path.truncate(len);
         }
@@ -124,7 +123,6 @@ impl<'de> Visitor<'de> for Fields<'_> {
 struct Field<'a> {
     path: &'a mut String,
     depth: usize,
-    descend: bool,
     entry: &'a mut CatalogEntry,
 }
 
@@ -185,7 +183,7 @@ impl<'de> Visitor<'de> for Field<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
         note(self.entry, self.path, json_type::OBJECT);
-        if self.descend {
+        if self.depth < DEPTH {
             Fields { path: self.path, depth: self.depth + 1, entry: self.entry }.visit_map(map)
         } else {
             let mut map = map;
