@@ -208,7 +208,7 @@ fn main() {
             e.process(Input::Logged { seq: ev.position.sequence, event: ev }, &set);
         }
         for (_, _, r) in e.plugins_mut().unwrap().reports.take().unwrap() {
-            println!("  fuel {} ({} ns): {:?}", r.fuel_used, r.nanos, r.outcome);
+            println!("  fuel {} ({:?} ns): {:?}", r.fuel_used, r.nanos, r.outcome);
         }
         // The call alone: `PluginHost::evaluate` on one event, without the engine around it.
         let digest = plugins.values().find(|p| p.name == id).map(|p| p.versions[0].sha256.clone()).unwrap();
@@ -216,7 +216,7 @@ fn main() {
         let record: EventRecord = rmp_serde::from_slice(&evs[0].record).unwrap();
         let config = signalops::plugins::runtime::encode_config(&config);
         let mut host = PluginHost::new(rt.clone());
-        host.set_keep_logs(false);
+        host.set_full_reports(false);
         let mut state = Box::<signalops::plugins::state::PluginState>::default();
         let input = signalops::plugins::runtime::CallInput {
             event: &record,

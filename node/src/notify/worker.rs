@@ -551,7 +551,7 @@ impl Notifier {
             }),
             Err(f) => crate::plugins::Outcome::Failure(f.clone()),
         };
-        let report = CallReport::new(outcome, fuel_used, started.elapsed(), logs);
+        let report = CallReport::new(outcome, fuel_used, Some(started.elapsed()), logs);
         // Notifier calls show in the plugin's health; failures do not disable the plugin (the
         // channel's retries and disabling apply).
         self.plugins.stats.record(tenant, plugin_id, &report, now_ms(), u32::MAX);

@@ -217,19 +217,27 @@ pub struct CallReport {
     #[serde(flatten)]
     pub outcome: Outcome,
     pub fuel_used: u64,
-    pub micros: u64,
+    /// The call's time, if it was timed: always in test runs and dry-runs, about one call in
+    /// [`TIMED_ONE_IN`] on a partition owner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micros: Option<u64>,
     /// The same time in nanoseconds (health percentiles of calls well under a microsecond).
     #[serde(skip)]
-    pub nanos: u64,
+    pub nanos: Option<u64>,
     pub logs: Vec<LogLine>,
 }
 
 impl CallReport {
-    pub fn new(outcome: Outcome, fuel_used: u64, took: std::time::Duration, logs: Vec<LogLine>) -> CallReport {
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        CallReport { outcome, fuel_used, micros: nanos / 1000, nanos, logs }
+    pub fn new(outcome: Outcome, fuel_used: u64, took: Option<std::time::Duration>, logs: Vec<LogLine>) -> CallReport {
+        let nanos = took.map(|t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX));
+        CallReport { outcome, fuel_used, micros: nanos.map(|n| n / 1000), nanos, logs }
     }
 }
+
+/// A partition owner times about one plugin call in this many (two clock reads, a histogram
+/// sample and a kept time per call cost more than a small plugin's own work); the health
+/// percentiles and the duration histogram are over those samples.
+pub const TIMED_ONE_IN: u32 = 16;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -809,28 +817,47 @@ impl std::hash::Hash for InstanceKey {
 /// The plugin instances of one partition engine (or one test run): calls are sequential.
 pub struct PluginHost {
     runtime: Arc<PluginRuntime>,
-    instances: foldhash::HashMap<InstanceKey, Live>,
+    instances: Instances,
     /// Times calls (a TSC read each side).
     clock: quanta::Clock,
     buf: Vec<u8>,
-    keep_logs: bool,
+    /// Full reports (every call timed, log lines kept) or health-only ones.
+    full_reports: bool,
+    /// Picks the calls a health-only host times (xorshift; never zero).
+    sampler: u32,
 }
 
 impl PluginHost {
     pub fn new(runtime: Arc<PluginRuntime>) -> PluginHost {
         PluginHost {
             runtime,
-            instances: foldhash::HashMap::default(),
+            instances: Instances::default(),
             clock: quanta::Clock::new(),
             buf: Vec::new(),
-            keep_logs: true,
+            full_reports: true,
+            sampler: 0x9e37_79b9,
         }
     }
 
-    /// Whether calls keep the lines plugins log (on by default). A partition owner turns it
-    /// off: its call reports only feed health statistics, which have no use for them.
-    pub fn set_keep_logs(&mut self, keep: bool) {
-        self.keep_logs = keep;
+    /// Whether calls report in full (the default): every call timed and the lines the plugin
+    /// logs kept. A partition owner turns it off: its reports only feed health statistics,
+    /// which have no use for log lines and are as good over a sample of the call times.
+    pub fn set_full_reports(&mut self, full: bool) {
+        self.full_reports = full;
+    }
+
+    /// Whether this call is timed: every one with full reports, else about one in
+    /// [`TIMED_ONE_IN`], picked at random so no pattern in the events lines up with it.
+    fn time_call(&mut self) -> bool {
+        if self.full_reports {
+            return true;
+        }
+        let mut x = self.sampler;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.sampler = x;
+        x.is_multiple_of(TIMED_ONE_IN)
     }
 
     pub fn runtime(&self) -> &Arc<PluginRuntime> {
@@ -847,7 +874,7 @@ impl PluginHost {
     ) -> (Result<PluginRequest, Failure>, u64, Vec<LogLine>) {
         let limits = self.runtime.limits;
         let key = InstanceKey(tenant, *digest);
-        let live = match live_instance(&self.runtime, &mut self.instances, key) {
+        let live = match self.instances.live(&self.runtime, key) {
             Ok(l) => l,
             Err((f, fuel)) => return (Err(f), fuel, Vec::new()),
         };
@@ -865,7 +892,7 @@ impl PluginHost {
         let logs = std::mem::take(&mut live.store.data_mut().logs);
         *live.store.data_mut().state = PluginState::default();
         if result.as_ref().is_err_and(|f| f.kind != FailureKind::PluginError) {
-            self.instances.remove(&key);
+            self.instances.remove(key);
         }
         (result, fuel_used, logs)
     }
@@ -881,21 +908,15 @@ impl PluginHost {
         input: &CallInput<'_>,
         alerts: &mut dyn RuleAlerts,
     ) -> CallReport {
-        let started = self.clock.raw();
+        let started = self.time_call().then(|| self.clock.raw());
+        let took = |clock: &quanta::Clock| started.map(|s| clock.delta(s, clock.raw()));
         let limits = self.runtime.limits;
         let key = InstanceKey(tenant, *digest);
-        let keep_logs = self.keep_logs;
+        let keep_logs = self.full_reports;
         let buf = &mut self.buf;
-        let live = match live_instance(&self.runtime, &mut self.instances, key) {
+        let live = match self.instances.live(&self.runtime, key) {
             Ok(live) => live,
-            Err((f, fuel)) => {
-                return CallReport::new(
-                    Outcome::Failure(f),
-                    fuel,
-                    self.clock.delta(started, self.clock.raw()),
-                    Vec::new(),
-                )
-            }
+            Err((f, fuel)) => return CallReport::new(Outcome::Failure(f), fuel, took(&self.clock), Vec::new()),
         };
         std::mem::swap(&mut live.store.data_mut().state, state);
         {
@@ -930,43 +951,78 @@ impl PluginHost {
             }
         };
         if discard {
-            self.instances.remove(&key);
+            self.instances.remove(key);
         }
         let outcome = match result {
             Ok(d) => Outcome::Decision(d),
             Err(f) => Outcome::Failure(f),
         };
-        CallReport::new(outcome, fuel_used, self.clock.delta(started, self.clock.raw()), logs)
+        CallReport::new(outcome, fuel_used, took(&self.clock), logs)
     }
 
     /// Drops the instances of modules other than `keep` (after a rule-set change).
     pub fn retain(&mut self, keep: impl Fn(&TenantId, &Digest) -> bool) {
-        self.instances.retain(|InstanceKey(t, d), _| keep(t, d));
+        self.instances.retain(|InstanceKey(t, d)| keep(t, d));
     }
 }
 
-/// The live instance of a tenant's module, created when needed (within the instance limit).
-fn live_instance<'a>(
-    runtime: &PluginRuntime,
-    instances: &'a mut foldhash::HashMap<InstanceKey, Live>,
-    key: InstanceKey,
-) -> Result<&'a mut Live, (Failure, u64)> {
-    let limits = runtime.limits;
-    if instances.len() >= limits.max_instances && !instances.contains_key(&key) {
-        // Bounded: drop an arbitrary instance; it is rebuilt when needed.
-        if let Some(k) = instances.keys().next().copied() {
-            instances.remove(&k);
+/// The live instances of a host, by tenant and module. Consecutive calls mostly go to the
+/// same module, so the last one used is tried before the index.
+#[derive(Default)]
+struct Instances {
+    live: Vec<(InstanceKey, Live)>,
+    index: foldhash::HashMap<InstanceKey, usize>,
+    last: usize,
+}
+
+impl Instances {
+    /// The live instance of a tenant's module, created when needed (within the instance
+    /// limit).
+    fn live(&mut self, runtime: &PluginRuntime, key: InstanceKey) -> Result<&mut Live, (Failure, u64)> {
+        let at = match self.live.get(self.last) {
+            Some((k, _)) if *k == key => Some(self.last),
+            _ => self.index.get(&key).copied(),
+        };
+        let at = match at {
+            Some(at) => at,
+            None => {
+                let limits = runtime.limits;
+                if self.live.len() >= limits.max_instances {
+                    // Bounded: drop an arbitrary instance; it is rebuilt when needed.
+                    if let Some(&(k, _)) = self.live.first() {
+                        self.remove(k);
+                    }
+                }
+                let Some(module) = runtime.module(&key.1) else {
+                    return Err((
+                        failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"),
+                        0,
+                    ));
+                };
+                let live = instantiate(runtime, &module).map_err(|f| (f, limits.fuel_per_call))?;
+                self.live.push((key, live));
+                self.index.insert(key, self.live.len() - 1);
+                self.live.len() - 1
+            }
+        };
+        self.last = at;
+        match self.live.get_mut(at) {
+            Some((_, live)) => Ok(live),
+            None => Err((failure(FailureKind::Unavailable, "the plugin's instance is gone"), 0)),
         }
     }
-    match instances.entry(key) {
-        std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-        std::collections::hash_map::Entry::Vacant(v) => {
-            let Some(module) = runtime.module(&key.1) else {
-                return Err((failure(FailureKind::Unavailable, "the plugin's module is not loaded on this node"), 0));
-            };
-            let live = instantiate(runtime, &module).map_err(|f| (f, limits.fuel_per_call))?;
-            Ok(v.insert(live))
+
+    fn remove(&mut self, key: InstanceKey) {
+        let Some(at) = self.index.remove(&key) else { return };
+        self.live.swap_remove(at);
+        if let Some((moved, _)) = self.live.get(at) {
+            self.index.insert(*moved, at);
         }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&InstanceKey) -> bool) {
+        self.live.retain(|(k, _)| keep(k));
+        self.index = self.live.iter().enumerate().map(|(i, (k, _))| (*k, i)).collect();
     }
 }
 

@@ -12,7 +12,7 @@ use super::runtime::{CallReport, FailureKind, Outcome};
 use crate::model::TenantId;
 use crate::telemetry;
 
-/// Call times kept for percentiles.
+/// Call times kept for percentiles (of the timed calls: see `runtime::TIMED_ONE_IN`).
 const TIMES_KEPT: usize = 1024;
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,7 +32,7 @@ struct Entry {
     failures: BTreeMap<FailureKind, u64>,
     consecutive_failures: u32,
     last_error: Option<LastError>,
-    /// The latest call times, nanoseconds.
+    /// The latest timed calls' times, nanoseconds.
     nanos: VecDeque<u32>,
 }
 
@@ -85,7 +85,9 @@ impl PluginStatsRegistry {
     pub fn record(&self, tenant: TenantId, plugin: Uuid, r: &CallReport, at_ms: i64, max_consecutive: u32) {
         let Ok(mut map) = self.inner.lock() else { return };
         let e = Self::entry(&mut map, tenant, plugin);
-        e.add_time(r.nanos);
+        if let Some(nanos) = r.nanos {
+            e.add_time(nanos);
+        }
         e.calls.increment(1);
         e.invocations += 1;
         match &r.outcome {
@@ -213,7 +215,7 @@ impl PendingCalls {
         match &r.outcome {
             Outcome::Decision(d) => {
                 p.fired += d.fire as u64;
-                p.nanos.push(r.nanos);
+                p.nanos.extend(r.nanos);
                 p.calls += 1;
             }
             Outcome::Failure(_) => {

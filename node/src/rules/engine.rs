@@ -608,7 +608,7 @@ impl Engine {
     /// Lets the engine run plugin rules (without, plugin rules never fire and nothing is
     /// recorded; dry-runs of declarative rules need none).
     pub fn set_plugins(&mut self, mut plugins: EnginePlugins) {
-        plugins.host.set_keep_logs(plugins.reports.is_some());
+        plugins.host.set_full_reports(plugins.reports.is_some());
         self.plugins = Some(plugins);
     }
 

@@ -197,6 +197,56 @@ fn each_rule_calls_the_shared_instance_with_its_own_config() {
     assert!(fires(high, 1, &json!({"threshold": 40, "field": "amount"}), 50));
 }
 
+/// A host keeps at most `max_instances_per_partition` live instances: calls that rotate over
+/// more modules than that rebuild them as needed, and every call still runs its own module
+/// (one that traps is dropped and rebuilt without disturbing the others).
+#[test]
+fn calls_over_more_modules_than_the_instance_limit_each_run_their_own() {
+    let limits = PluginsConfig { max_instances_per_partition: 2, ..small_limits() };
+    let rt = Arc::new(PluginRuntime::new(&limits).unwrap());
+    let modules = [fixture("fires"), fixture("skips"), built("high-value"), fixture("trap")];
+    let digests: Vec<[u8; 32]> = modules.iter().map(|m| rt.compile(m).unwrap().digest).collect();
+    let config = signalops::plugins::runtime::encode_config(&json!({"threshold": 100}));
+    let mut host = PluginHost::new(rt.clone());
+    let mut state = Box::<PluginState>::default();
+    // (tenant, module, amount, what the call must give)
+    let calls = [
+        (1, 0, 5, Some(true)),
+        (2, 1, 500, Some(false)),
+        (3, 2, 500, Some(true)),
+        (3, 2, 5, Some(false)),
+        (4, 3, 5, None),
+        (1, 0, 5, Some(true)),
+    ];
+    for round in 0..5 {
+        for (i, &(tenant, module, amount, expect)) in calls.iter().enumerate() {
+            let ev = event(json!({"amount": amount}), 0);
+            let input = CallInput { event: &ev, time_ms: 0, config: &config, rule_id: Uuid::nil(), rule_version: 1 };
+            let got =
+                match host.evaluate(Uuid::from_u128(tenant), &digests[module], &mut state, &input, &mut ()).outcome {
+                    Outcome::Decision(d) => Some(d.fire),
+                    Outcome::Failure(f) => {
+                        assert_eq!(f.kind, FailureKind::Trap, "round {round}, call {i}");
+                        None
+                    }
+                };
+            assert_eq!(got, expect, "round {round}, call {i}");
+        }
+    }
+}
+
+/// A health-only host (a partition owner's) times about one call in 16; a host reporting in
+/// full (test runs, dry-runs) times every call.
+#[test]
+fn a_health_only_host_times_a_sample_of_its_calls() {
+    let rt = Arc::new(PluginRuntime::new(&small_limits()).unwrap());
+    let mut hv = Harness::new(&rt, &built("high-value"), json!({"threshold": 100}));
+    assert!((0..50).all(|_| hv.call(json!({"amount": 5}), 0).micros.is_some()));
+    hv.host.set_full_reports(false);
+    let timed = (0..3_200).filter(|_| hv.call(json!({"amount": 5}), 0).nanos.is_some()).count();
+    assert!((100..=300).contains(&timed), "{timed} of 3,200 calls timed");
+}
+
 #[test]
 fn hostile_modules_are_refused_at_upload_with_the_reason() {
     let rt = PluginRuntime::new(&small_limits()).unwrap();
