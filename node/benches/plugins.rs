@@ -5,7 +5,9 @@
 //!
 //! Needs the example plugins: run `plugins/build.sh` first.
 //! Run: `cargo bench -p signalops-node --bench plugins` (env: BENCH_EVENTS, BENCH_ROUNDS,
-//! BENCH_NOISY_SECS, BENCH_NOISY_PHASES; BENCH_PROFILE for one plugin rule under a profiler,
+//! BENCH_NOISY_SECS, BENCH_NOISY_PHASES, BENCH_NOISY_WAT (tenant A's module in the noisy
+//! neighbour, a fixture name: `spin` by default, `busy` for one that is slow without failing);
+//! BENCH_PROFILE for one plugin rule under a profiler,
 //! BENCH_PROFILE_RULE for any one rule).
 //! Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -125,18 +127,19 @@ fn best_of(rt: &Arc<PluginRuntime>, events: &[EncodedEvent], set: &RuleSet) -> (
     (0..3).map(|_| run(rt, events, set)).min_by(|a, b| a.0.total_cmp(&b.0)).unwrap()
 }
 
-/// The best run of each set over `rounds` rounds, the sets taking turns within a round, so a
+/// The best run of each set over `rounds` rounds (set, and whether every payload is decoded
+/// before the engine sees it), the sets taking turns within a round, so a
 /// slow period of a noisy machine slows them all rather than one of them.
 fn best_of_each(
     rt: &Arc<PluginRuntime>,
     events: &[EncodedEvent],
-    sets: &[RuleSet],
+    sets: &[(&RuleSet, bool)],
     rounds: usize,
 ) -> Vec<(f64, usize)> {
     let mut best = vec![(f64::INFINITY, 0); sets.len()];
     for _ in 0..rounds {
-        for (b, set) in best.iter_mut().zip(sets) {
-            let r = run(rt, events, set);
+        for (b, &(set, decode_all)) in best.iter_mut().zip(sets) {
+            let r = run_as(rt, events, set, decode_all);
             if r.0 < b.0 {
                 *b = r;
             }
@@ -185,6 +188,7 @@ fn main() {
             set_of(vec![(tenant, tenant_rules(tenant, &[], &plugins))]),
             set_of(vec![(tenant, tenant_rules(tenant, &[rule], &plugins))]),
         ];
+        let sets: Vec<_> = sets.iter().map(|s| (s, false)).collect();
         let best = best_of_each(&rt, &evs, &sets, env("BENCH_ROUNDS", 9));
         let us = |i: usize| best[i].0 * 1e6 / n as f64;
         println!("rule: {:.2} µs/event over the baseline of {:.2} ({} alerts)", us(1) - us(0), us(0), best[1].1);
@@ -267,24 +271,26 @@ fn main() {
         sets.push(one(&json!({"name": "p", "event_types": ["payment.failed"], "group_by": ["payload.card"],
                               "cooldown_seconds": 600, "plugin": {"id": id, "config": {}}})));
     }
-    let best = best_of_each(&rt, &evs, &sets, rounds);
-    let decoded = (0..rounds).map(|_| run_as(&rt, &evs, &sets[0], true).0).fold(f64::INFINITY, f64::min);
+    // The no-rules set once more with every payload decoded, in the same rounds.
+    let mut turns: Vec<_> = sets.iter().map(|s| (s, false)).collect();
+    turns.push((&sets[0], true));
+    let best = best_of_each(&rt, &evs, &turns, rounds);
     let us = |i: usize| best[i].0 * 1e6 / n as f64;
     let base_us = us(0);
-    let decoded_us = decoded * 1e6 / n as f64;
+    let decoded_us = us(sets.len());
     println!(
         "baseline (no rules): {base_us:.2} µs/event; with every payload decoded as a rule needs it: {decoded_us:.2}"
     );
     println!(
-        "{:<24} {:>12} {:>12} {:>10} {:>10} {:>8} {:>10} {:>14}",
-        "rule", "decl µs/ev", "plugin µs/ev", "decl al.", "plug al.", "ratio", "eval ratio", "plugin ev/s"
+        "{:<24} {:>12} {:>12} {:>10} {:>10} {:>8} {:>10} {:>12} {:>12}",
+        "rule", "decl µs/ev", "plugin µs/ev", "decl al.", "plug al.", "ratio", "eval ratio", "decl ev/s", "plugin ev/s"
     );
     for (i, (name, _, _)) in pairs.iter().enumerate() {
         let (d, p) = (1 + 2 * i, 2 + 2 * i);
         let (d_us, p_us) = (us(d) - base_us, us(p) - base_us);
         let eval = (us(p) - decoded_us) / (us(d) - decoded_us);
         println!(
-            "{:<24} {:>12.2} {:>12.2} {:>10} {:>10} {:>7.2}x {:>9.2}x {:>14.0}",
+            "{:<24} {:>12.2} {:>12.2} {:>10} {:>10} {:>7.2}x {:>9.2}x {:>12.0} {:>12.0}",
             name,
             d_us,
             p_us,
@@ -292,6 +298,7 @@ fn main() {
             best[p].1,
             p_us / d_us,
             eval,
+            n as f64 / best[d].0,
             n as f64 / best[p].0
         );
     }
@@ -309,18 +316,28 @@ fn main() {
     }
 }
 
+/// What runs on the other core while tenant B's batches are timed.
+#[derive(Clone, Copy)]
+enum Neighbour {
+    Idle,
+    Plugin,
+    Native,
+}
+
 /// Tenant B (one declarative and one plugin rule) in partition 1, with and without tenant A's
-/// spinning plugin in partition 0 running flat out on another thread. Reports B's per-batch
-/// processing time percentiles (batches of 100 events, paced like a live partition).
+/// spinning plugin in partition 0 running flat out on another thread, and with a native busy
+/// loop there instead (the control). Reports B's per-batch processing time percentiles
+/// (batches of 100 events, paced like a live partition).
 fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
-    // Idle and spinning phases alternate, short enough that a slow period of the machine falls
-    // on both: BENCH_NOISY_SECS each way in all, in BENCH_NOISY_PHASES phases each way.
+    // Idle, spinning and control phases take turns, short enough that a slow period of the
+    // machine falls on all: BENCH_NOISY_SECS each in all, in BENCH_NOISY_PHASES phases each.
     let secs = env("BENCH_NOISY_SECS", 15) as u64;
     let phases = env("BENCH_NOISY_PHASES", 15).max(1);
     let phase = Duration::from_secs(secs) / phases as u32;
     let a = Uuid::now_v7();
     let b = Uuid::now_v7();
-    let a_plugins = register(rt, a, &[("spin", wat_module("spin"))]);
+    let a_plugins =
+        register(rt, a, &[("spin", wat_module(&std::env::var("BENCH_NOISY_WAT").unwrap_or_else(|_| "spin".into())))]);
     let b_plugins = register(rt, b, &[("high-value", module("high-value"))]);
     let a_set = set_of(vec![(
         a,
@@ -340,31 +357,49 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
     // Enough for one phase at the pace below.
     let b_events = payment_events(b, (50_000.0 * phase.as_secs_f64()) as usize + 1_000, 1000, 1);
 
-    let measure = |noisy: bool| -> (Vec<f64>, u64) {
+    let measure = |a_does: Neighbour| -> (Vec<f64>, u64) {
         let stop = Arc::new(AtomicBool::new(false));
-        let burner = noisy.then(|| {
-            let (rt, stop, set) = (rt.clone(), stop.clone(), a_set.clone());
-            std::thread::spawn(move || {
-                let evs = payment_events(a, 1000, 1000, 1);
-                let mut e = engine(0, &rt);
-                let mut calls = 0u64;
-                let mut seq = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    for ev in &evs {
-                        seq += 1;
-                        // What the partition owner reads from each log message.
-                        let ev = &EncodedEvent::decode(ev.record.clone(), ev.position).unwrap();
-                        e.process(Input::Logged { seq, event: ev }, &set);
-                        calls += 1;
-                        if stop.load(Ordering::Relaxed) {
-                            break;
+        let burner = match a_does {
+            Neighbour::Idle => None,
+            // The control: the other core busy with a native loop of the shape fuel metering
+            // gives the spinning plugin (a counter in memory, a compare and a branch per
+            // iteration), no plugin involved.
+            Neighbour::Native => {
+                let stop = stop.clone();
+                Some(std::thread::spawn(move || {
+                    let mut fuel = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..100_000 {
+                            fuel = std::hint::black_box(fuel.wrapping_add(1));
                         }
                     }
-                    e.take_effects(false);
-                }
-                calls
-            })
-        });
+                    0
+                }))
+            }
+            Neighbour::Plugin => Some({
+                let (rt, stop, set) = (rt.clone(), stop.clone(), a_set.clone());
+                std::thread::spawn(move || {
+                    let evs = payment_events(a, 1000, 1000, 1);
+                    let mut e = engine(0, &rt);
+                    let mut calls = 0u64;
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for ev in &evs {
+                            seq += 1;
+                            // What the partition owner reads from each log message.
+                            let ev = &EncodedEvent::decode(ev.record.clone(), ev.position).unwrap();
+                            e.process(Input::Logged { seq, event: ev }, &set);
+                            calls += 1;
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                        e.take_effects(false);
+                    }
+                    calls
+                })
+            }),
+        };
         let mut e = engine(1, rt);
         let mut times = Vec::new();
         let started = Instant::now();
@@ -393,24 +428,37 @@ fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
         "noisy neighbour: tenant B's 100-event batches (partition 1), {phases} × {:.1} s each way, µs",
         phase.as_secs_f64()
     );
-    println!("{:<34} {:>8} {:>8} {:>8} {:>12}", "", "p50", "p99", "batches", "A's calls");
-    let (mut quiet, mut noisy, mut burned) = (Vec::new(), Vec::new(), 0);
+    println!("{:<38} {:>8} {:>8} {:>8} {:>12}", "", "p50", "p99", "batches", "A's calls");
+    let (mut quiet, mut noisy, mut busy, mut burned) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    // B's p99 change within each pair of neighbouring phases: one slow spell of the machine
+    // shows up as one outlying pair rather than as a shift of every pair.
+    let mut pairs = Vec::new();
     for _ in 0..phases {
-        quiet.extend(measure(false).0);
-        let (times, calls) = measure(true);
+        let (idle, _) = measure(Neighbour::Idle);
+        let (times, calls) = measure(Neighbour::Plugin);
+        pairs.push((pct(&times, 0.99) / pct(&idle, 0.99) - 1.0) * 100.0);
+        quiet.extend(idle);
         noisy.extend(times);
         burned += calls;
+        busy.extend(measure(Neighbour::Native).0);
     }
-    quiet.sort_by(f64::total_cmp);
-    noisy.sort_by(f64::total_cmp);
-    println!("{:<34} {:>8.0} {:>8.0} {:>8} {:>12}", "A idle", pct(&quiet, 0.5), pct(&quiet, 0.99), quiet.len(), 0);
+    for t in [&mut pairs, &mut quiet, &mut noisy, &mut busy] {
+        t.sort_by(f64::total_cmp);
+    }
+    let row = |what: &str, t: &[f64], calls: u64| {
+        println!("{:<38} {:>8.0} {:>8.0} {:>8} {:>12}", what, pct(t, 0.5), pct(t, 0.99), t.len(), calls);
+    };
+    row("A idle", &quiet, 0);
+    row("A's plugin spinning (fuel each call)", &noisy, burned);
+    row("control: other core busy, no plugin", &busy, 0);
+    let change = |t: &[f64]| (pct(t, 0.99) / pct(&quiet, 0.99) - 1.0) * 100.0;
+    println!("p99 change: {:+.1}% (control: {:+.1}%)", change(&noisy), change(&busy));
     println!(
-        "{:<34} {:>8.0} {:>8.0} {:>8} {:>12}",
-        "A's plugin spinning (fuel each call)",
-        pct(&noisy, 0.5),
-        pct(&noisy, 0.99),
-        noisy.len(),
-        burned
+        "p99 change within each pair of phases: median {:+.1}%, middle half {:+.1}% to {:+.1}%, all {:+.1}% to {:+.1}%",
+        pct(&pairs, 0.5),
+        pct(&pairs, 0.25),
+        pct(&pairs, 0.75),
+        pairs[0],
+        pairs[pairs.len() - 1]
     );
-    println!("p99 change: {:+.1}%", (pct(&noisy, 0.99) / pct(&quiet, 0.99) - 1.0) * 100.0);
 }

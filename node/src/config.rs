@@ -211,6 +211,11 @@ pub struct PluginsConfig {
     pub max_window_buckets: usize,
     /// Live instances per partition engine.
     pub max_instances_per_partition: usize,
+    /// Instances the node holds at once, for every partition, test run and notification worker
+    /// together: the size of the instance pool, whose slots are reused (each reserves address
+    /// space for `max_memory_bytes`, not memory). Size it to the partitions a node owns times
+    /// `max_instances_per_partition`, plus room for tests and notifiers.
+    pub instance_pool: u32,
     /// After this many failed calls in a row, the plugin's rules are disabled.
     pub max_consecutive_failures: u32,
     /// Plugins one tenant may have.
@@ -218,6 +223,11 @@ pub struct PluginsConfig {
     /// Events one `POST /v1/plugins/{id}/test` runs.
     pub max_test_events: usize,
 }
+
+/// Largest `plugins.instance_pool`: each slot reserves about 4 GiB of address space (so the
+/// guest's memory accesses need no bounds checks), and 8,192 of them are a quarter of what a
+/// process can map.
+const MAX_INSTANCE_POOL: u32 = 8192;
 
 impl Default for PluginsConfig {
     fn default() -> Self {
@@ -230,6 +240,7 @@ impl Default for PluginsConfig {
             max_state_keys: 10_000,
             max_window_buckets: 1_000_000,
             max_instances_per_partition: 64,
+            instance_pool: 2048,
             max_consecutive_failures: 10,
             max_plugins_per_tenant: 50,
             max_test_events: 1000,
@@ -354,6 +365,11 @@ impl Config {
         if self.plugins.max_consecutive_failures == 0 || self.plugins.max_instances_per_partition == 0 {
             return bad("plugins.max_consecutive_failures and plugins.max_instances_per_partition must be at least 1");
         }
+        if (self.plugins.instance_pool as usize) < self.plugins.max_instances_per_partition
+            || self.plugins.instance_pool > MAX_INSTANCE_POOL
+        {
+            return bad("plugins.instance_pool must be at least plugins.max_instances_per_partition and at most 8192");
+        }
         if self.rules.max_groups_per_rule == 0 || self.rules.max_rules_per_tenant == 0 {
             return bad("rules.max_groups_per_rule and rules.max_rules_per_tenant must be at least 1");
         }
@@ -407,5 +423,11 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config { log_format: "yaml".into(), ..Default::default() };
         assert!(c.validate().is_err());
+        for pool in [0, 63, 8193] {
+            let mut c = Config::default();
+            c.plugins.instance_pool = pool;
+            let e = c.validate().expect_err("instance_pool out of range");
+            assert!(e.to_string().contains("plugins.instance_pool"), "{e}");
+        }
     }
 }

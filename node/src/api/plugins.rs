@@ -110,6 +110,7 @@ fn find(state: &AppState, tenant: TenantId, id: &str) -> Result<PluginRecord, Ap
 
 fn rejection(r: Rejection) -> ApiError {
     let kind = match r.status {
+        503 => return ApiError::new(ErrorKind::Unavailable, r.detail).with_extra(json!({ "reason": r.reason })),
         413 => ErrorKind::PayloadTooLarge,
         400 => ErrorKind::BadRequest,
         _ => ErrorKind::Unprocessable,

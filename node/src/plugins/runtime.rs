@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use wasmtime::{
-    Caller, Config, Engine, ExternType, Instance, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc,
-    ValType,
+    Caller, Config, Enabled, Engine, ExternType, Instance, InstanceAllocationStrategy, Linker, Memory, Module,
+    PoolConcurrencyLimitError, PoolingAllocationConfig, ResourceLimiter, Store, Trap, TypedFunc, ValType,
 };
 
 use super::guest_event;
@@ -135,6 +135,9 @@ pub fn kind_of(module: &Module) -> Option<PluginKind> {
 const HOST_CALL_FUEL: u64 = 200;
 /// Wasm stack per call.
 const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// Elements a module's table may have.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Why an uploaded module was refused. `status` is the HTTP status to answer with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,7 +381,7 @@ impl ResourceLimiter for HostCtx {
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
 
@@ -590,6 +593,7 @@ impl PluginRuntime {
         let mut c = Config::new();
         c.consume_fuel(true);
         c.max_wasm_stack(MAX_WASM_STACK);
+        c.allocation_strategy(instance_pool(cfg));
         let engine = Engine::new(&c).map_err(|e| anyhow::anyhow!("plugin engine: {e:#}"))?;
         let linker = build_linker(&engine).map_err(|e| anyhow::anyhow!("plugin host functions: {e:#}"))?;
         Ok(PluginRuntime { engine, linker, limits: Limits::from(cfg), modules: Mutex::new(HashMap::new()) })
@@ -627,8 +631,20 @@ impl PluginRuntime {
             let kind = check_interface(&module)?;
             return Ok(Validated { digest, module, kind });
         }
-        let module = Module::new(&self.engine, bytes)
-            .map_err(|e| Rejection::new(422, "invalid_module", format!("the module does not validate: {e:#}")))?;
+        let module = Module::new(&self.engine, bytes).map_err(|e| {
+            let e = format!("{e:#}");
+            // The instance pool checks a module's declared memory and tables against its
+            // slots when it compiles (the wasmtime version is pinned; a test covers the text).
+            if e.contains("pooling allocator") {
+                Rejection::new(
+                    422,
+                    "instantiation_failed",
+                    format!("the module needs more than a plugin may have: {e}"),
+                )
+            } else {
+                Rejection::new(422, "invalid_module", format!("the module does not validate: {e}"))
+            }
+        })?;
         let kind = check_interface(&module)?;
         let abi = Abi::of(&module);
         // Instantiate once: runs the start function under the limits and checks the marker.
@@ -641,6 +657,10 @@ impl PluginRuntime {
         })()
         .map_err(|e| {
             let f = classify(&e, store.data().memory_denied);
+            if f.kind == FailureKind::Unavailable {
+                // The node's state, not the module's: retry later.
+                return Rejection::new(503, "instance_pool_full", f.message);
+            }
             Rejection::new(
                 422,
                 "instantiation_failed",
@@ -753,8 +773,37 @@ fn check_interface(module: &Module) -> Result<PluginKind, Rejection> {
     Ok(kind)
 }
 
+/// Bytes of a discarded instance's linear memory put back in place (only the pages it touched;
+/// the rest is returned to the kernel). A typical plugin touches less than this.
+const KEEP_RESIDENT_BYTES: usize = 1 << 20;
+
+/// Instances come from a pool of reusable slots rather than fresh mappings. An instance is
+/// thrown away after every trap, and unmapping its memory would make the kernel interrupt every
+/// core running one of the node's threads (a TLB shootdown), so a plugin that traps on every
+/// event would slow other tenants' partitions; a pooled slot is reset in place instead, and a
+/// module's next instance usually lands in the slot its last one had, with its data in place.
+fn instance_pool(cfg: &PluginsConfig) -> InstanceAllocationStrategy {
+    let mut p = PoolingAllocationConfig::new();
+    p.total_core_instances(cfg.instance_pool)
+        .total_memories(cfg.instance_pool)
+        .total_tables(cfg.instance_pool)
+        .max_memory_size(cfg.max_memory_bytes)
+        .linear_memory_keep_resident(KEEP_RESIDENT_BYTES.min(cfg.max_memory_bytes))
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .table_keep_resident(16 << 10)
+        // Reset only the pages a discarded instance touched, where the kernel can tell (Linux 6.7+).
+        .pagemap_scan(Enabled::Auto);
+    InstanceAllocationStrategy::Pooling(p)
+}
+
 /// Sorts an error from wasmtime into a failure kind.
 fn classify(e: &wasmtime::Error, memory_denied: bool) -> Failure {
+    if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+        return failure(
+            FailureKind::Unavailable,
+            "every slot of this node's plugin instance pool is in use (raise plugins.instance_pool)",
+        );
+    }
     match e.downcast_ref::<Trap>() {
         Some(Trap::OutOfFuel) => failure(FailureKind::FuelExhausted, "the call used all its fuel"),
         _ if memory_denied => failure(FailureKind::MemoryLimit, format!("memory limit reached, then: {e}")),

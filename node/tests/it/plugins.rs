@@ -235,6 +235,34 @@ fn calls_over_more_modules_than_the_instance_limit_each_run_their_own() {
     }
 }
 
+/// Instances come from the node's pool: a trapping module's discarded instances give their
+/// slot back, a call that finds every slot taken fails as `unavailable` naming the setting, and
+/// a slot freed elsewhere serves the next call.
+#[test]
+fn instances_come_from_a_node_wide_pool_whose_slots_are_reused() {
+    let limits = PluginsConfig { instance_pool: 2, max_instances_per_partition: 1, ..small_limits() };
+    let rt = Arc::new(PluginRuntime::new(&limits).unwrap());
+    let mut trap = Harness::new(&rt, &fixture("trap"), json!({}));
+    for _ in 0..200 {
+        assert_eq!(failure_kind(&trap.call(json!({}), 0)), FailureKind::Trap);
+    }
+    drop(trap);
+    let mut a = Harness::new(&rt, &fixture("fires"), json!({}));
+    let mut b = Harness::new(&rt, &fixture("fires"), json!({}));
+    assert!(a.fires(json!({}), 0) && b.fires(json!({}), 0), "two hosts, two slots");
+    let mut c = Harness::new(&rt, &fixture("fires"), json!({}));
+    match c.call(json!({}), 0).outcome {
+        Outcome::Failure(f) => {
+            assert_eq!(f.kind, FailureKind::Unavailable);
+            assert!(f.message.contains("plugins.instance_pool"), "{}", f.message);
+        }
+        Outcome::Decision(d) => panic!("a third instance from a pool of two: {d:?}"),
+    }
+    drop(a);
+    assert!(c.fires(json!({}), 0), "the slot the dropped host held");
+    assert!(b.fires(json!({}), 0));
+}
+
 /// A health-only host (a partition owner's) times about one call in 16; a host reporting in
 /// full (test runs, dry-runs) times every call.
 #[test]
