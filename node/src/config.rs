@@ -212,8 +212,8 @@ pub struct PluginsConfig {
     /// Live instances per partition engine.
     pub max_instances_per_partition: usize,
     /// Instances the node holds at once, for every partition, test run and notification worker
-    /// together: the size of the instance pool, whose slots are reused (each reserves address
-    /// space for `max_memory_bytes`, not memory). Size it to the partitions a node owns times
+    /// together: the size of the instance pool, whose slots are reused (each reserves about
+    /// 4 GiB of address space, not memory). Size it to the partitions a node owns times
     /// `max_instances_per_partition`, plus room for tests and notifiers.
     pub instance_pool: u32,
     /// After this many failed calls in a row, the plugin's rules are disabled.
