@@ -311,7 +311,7 @@ fn main() {
         println!("call floor ({what}): {f:.2} µs/event");
     }
 
-    if env("BENCH_NOISY_SECS", 15) > 0 {
+    if env("BENCH_NOISY_SECS", 45) > 0 {
         noisy_neighbour(&rt);
     }
 }
@@ -331,8 +331,8 @@ enum Neighbour {
 fn noisy_neighbour(rt: &Arc<PluginRuntime>) {
     // Idle, spinning and control phases take turns, short enough that a slow period of the
     // machine falls on all: BENCH_NOISY_SECS each in all, in BENCH_NOISY_PHASES phases each.
-    let secs = env("BENCH_NOISY_SECS", 15) as u64;
-    let phases = env("BENCH_NOISY_PHASES", 15).max(1);
+    let secs = env("BENCH_NOISY_SECS", 45) as u64;
+    let phases = env("BENCH_NOISY_PHASES", 45).max(1);
     let phase = Duration::from_secs(secs) / phases as u32;
     let a = Uuid::now_v7();
     let b = Uuid::now_v7();
