@@ -137,7 +137,18 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 /// Sends `rate` events/s (requests of `per_request` events) for `secs` seconds; returns the
 /// accepted -> stored p50 and p99 bucket bounds of the events of this phase and the CPU spent
 /// per event until the last one was stored.
-async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64, offset: usize) -> Paced {
+/// The bench tenant's partition consumer, to tell where a backlog behind JetStream waits.
+type PartitionConsumer = jetstream::consumer::Consumer<jetstream::consumer::pull::Config>;
+
+async fn paced(
+    api: &Api,
+    metrics_url: &str,
+    nats_pid: u32,
+    consumer: &PartitionConsumer,
+    rate: f64,
+    secs: f64,
+    offset: usize,
+) -> Paced {
     let per_request = env("BENCH_SUSTAINED_BATCH", 100);
     let before = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
     let stored_before = metric(&before, "signalops_events_stored_total");
@@ -154,9 +165,9 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
     // tell a backlog in front of JetStream (slow 202s) from one behind it (slow owners).
     let acked = Arc::new(AtomicUsize::new(0));
     let sampler = {
-        let (acked, url) = (acked.clone(), metrics_url.to_string());
+        let (acked, url, mut consumer) = (acked.clone(), metrics_url.to_string(), consumer.clone());
         tokio::spawn(async move {
-            let mut behind = 0f64;
+            let mut behind = Behind::default();
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
@@ -164,7 +175,11 @@ async fn paced(api: &Api, metrics_url: &str, nats_pid: u32, rate: f64, secs: f64
                 let Ok(text) = response.text().await else { continue };
                 let stored = metric(&text, "signalops_events_stored_total") - stored_before;
                 let a = acked.load(Ordering::SeqCst) as f64;
-                behind = behind.max(a - stored);
+                behind.acked_not_stored = behind.acked_not_stored.max(a - stored);
+                if let Ok(info) = consumer.info().await {
+                    behind.undelivered = behind.undelivered.max(info.num_pending);
+                    behind.unacked = behind.unacked.max(info.num_ack_pending as u64);
+                }
                 if a > 0.0 && stored >= a && phase.elapsed().as_secs_f64() > secs {
                     return behind;
                 }
@@ -253,8 +268,18 @@ struct Paced {
     request_p99: Duration,
     /// Events per second acknowledged while the load was offered.
     sent_rate: f64,
-    /// The most events acknowledged to producers and not yet stored at any 100 ms sample.
-    most_behind: f64,
+    /// The most events acknowledged to producers and not yet stored, and where they waited.
+    most_behind: Behind,
+}
+
+/// Maxima over 100 ms samples.
+#[derive(Default)]
+struct Behind {
+    acked_not_stored: f64,
+    /// In the stream, not yet delivered to the partition owner.
+    undelivered: u64,
+    /// Delivered to the owner and not yet acknowledged by it (stored, evaluated, committed).
+    unacked: u64,
 }
 
 /// The embedded store alone: batches of `batch` events, one durable commit each.
@@ -297,7 +322,7 @@ async fn run() {
     cfg.stream.partitions = 16;
     cfg.ingest.max_body_bytes = 8 * 1024 * 1024;
     let node = TestNode::start(cfg).await;
-    let (_, api) = Api::admin(&node).create_tenant("bench", None).await;
+    let (tenant, api) = Api::admin(&node).create_tenant("bench", None).await;
 
     // The same bytes the node publishes per event, for a like-for-like raw baseline.
     let record = signalops::model::validate_event(
@@ -410,6 +435,15 @@ async fn run() {
         "sustained load (requests of {} events, 5 s each): accepted -> stored latency bucket bounds",
         env("BENCH_SUSTAINED_BATCH", 100)
     );
+    let partition = signalops::eventlog::partition_of(&tenant.parse().unwrap(), 16);
+    let js = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let consumer: PartitionConsumer = js
+        .get_stream(signalops::eventlog::STREAM)
+        .await
+        .unwrap()
+        .get_consumer(&signalops::processor::consumer_name(partition))
+        .await
+        .unwrap();
     let mut offset = n;
     let shares: Vec<f64> = match std::env::var("BENCH_SHARES") {
         Ok(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
@@ -418,17 +452,19 @@ async fn run() {
     };
     for share in shares {
         let rate = (raw * share / 1000.0).round() * 1000.0;
-        let r = paced(&api, &metrics_url, nats.pid(), rate, 5.0, offset).await;
+        let r = paced(&api, &metrics_url, nats.pid(), &consumer, rate, 5.0, offset).await;
         offset += r.sent + r.failed * env("BENCH_SUSTAINED_BATCH", 100);
         println!(
-            "  {rate:>8.0} events/s offered ({:.0}% of raw), {:.0} acked: p50 <= {} s, p99 <= {} s ({} requests failed, request p99 {:?}); at most {:.0} events acked and not stored; {}; {:.0} events per partition batch",
+            "  {rate:>8.0} events/s offered ({:.0}% of raw), {:.0} acked: p50 <= {} s, p99 <= {} s ({} requests failed, request p99 {:?}); at most {:.0} events acked and not stored (at most {} undelivered, {} delivered and not acked); {}; {:.0} events per partition batch",
             share * 100.0,
             r.sent_rate,
             r.p50,
             r.p99,
             r.failed,
             r.request_p99,
-            r.most_behind,
+            r.most_behind.acked_not_stored,
+            r.most_behind.undelivered,
+            r.most_behind.unacked,
             r.cpu,
             r.per_batch
         );

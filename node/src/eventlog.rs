@@ -182,6 +182,12 @@ impl EventLog {
         &self.stream
     }
 
+    /// The largest message the server takes (its `max_payload`), so the largest one a
+    /// consumer can be handed.
+    pub fn max_message_bytes(&self) -> usize {
+        self.js.client().server_info().max_payload
+    }
+
     /// True when the stream answers (readiness).
     pub async fn check(&self) -> bool {
         self.js.get_stream(STREAM).await.is_ok()
