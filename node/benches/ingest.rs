@@ -37,7 +37,7 @@ fn sample_event(i: usize) -> Value {
            "payload": {"amount": 120.5, "currency": "EUR", "card": "4242", "merchant": format!("m-{}", i % 97), "attempt": i % 3}})
 }
 
-async fn raw_jetstream(url: &str, n: usize, in_flight: usize, body: &[u8]) -> f64 {
+async fn raw_jetstream(url: &str, nats_pid: u32, n: usize, in_flight: usize, body: &[u8]) -> (f64, String) {
     let client = async_nats::connect(url).await.unwrap();
     let js = jetstream::new(client);
     let _ = js.delete_stream("BENCH_RAW").await;
@@ -50,6 +50,7 @@ async fn raw_jetstream(url: &str, n: usize, in_flight: usize, body: &[u8]) -> f6
     .await
     .unwrap();
     let payload = bytes::Bytes::copy_from_slice(body);
+    let cpu = Cpu::now(nats_pid);
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
@@ -63,8 +64,9 @@ async fn raw_jetstream(url: &str, n: usize, in_flight: usize, body: &[u8]) -> f6
         ack.unwrap();
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu.per_event(nats_pid, n);
     js.delete_stream("BENCH_RAW").await.unwrap();
-    rate
+    (rate, cpu)
 }
 
 /// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -334,13 +336,13 @@ async fn run() {
     .unwrap();
     let body = rmp_serde::to_vec_named(&record).unwrap();
     let baselines = env("BENCH_BASELINES", 1) != 0;
-    let (raw, store_rate) = if baselines {
-        let raw = raw_jetstream(&nats.url, n, 4096, &body).await;
+    let (raw, raw_cpu, store_rate) = if baselines {
+        let (raw, cpu) = raw_jetstream(&nats.url, nats.pid(), n, 4096, &body).await;
         let dir = tempfile::tempdir().unwrap();
         let store = signalops::store::embedded::EmbeddedStore::open(dir.path(), 86_400_000).unwrap();
-        (raw, store_only(&store, n / 2, batch, &record).await)
+        (raw, cpu, store_only(&store, n / 2, batch, &record).await)
     } else {
-        (f64::NAN, f64::NAN)
+        (f64::NAN, String::new(), f64::NAN)
     };
 
     // Request bodies are built before the clock starts, so the load generator's JSON work is
@@ -414,6 +416,9 @@ async fn run() {
     println!("SignalOps ingest benchmark: {accepted} events of {} B (MessagePack in the log), batches of {batch}, {concurrency} HTTP clients, 16 partitions", body.len());
     println!("embedded store alone (batches of {batch}, durable commit each) {store_rate:>8.0} events/s");
     println!("raw JetStream publish (pipelined, 4096 in flight)  {raw:>10.0} events/s");
+    if !raw_cpu.is_empty() {
+        println!("  {raw_cpu} (publisher and nats-server: no consumer, no Nats-Msg-Id)");
+    }
     println!(
         "HTTP batch ingest (2xx = JetStream acked)          {ingest:>10.0} events/s  ({:.0}% of raw)",
         100.0 * ingest / raw

@@ -27,8 +27,29 @@ pub struct Config {
     pub stream: StreamConfig,
     pub ingest: IngestConfig,
     pub rules: RulesConfig,
+    pub owners: OwnersConfig,
     pub plugins: PluginsConfig,
     pub notify: NotifyConfig,
+}
+
+/// Where partition owners (consume, store, evaluate rules and plugins, ack) run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OwnersConfig {
+    /// Worker threads of the owners' own runtime (0 = one per core). Their blocking work
+    /// (store commits, rule and plugin evaluation) runs on that runtime's blocking threads.
+    pub threads: usize,
+    /// How much lower the owners' threads run than the rest of the node (added to the
+    /// process's nice value, 0-19; 0 = the same priority). When producers and owners want
+    /// more CPU than there is, intake goes first: events are durable in JetStream once
+    /// acknowledged, and owners catch up when the burst ends.
+    pub nice: i32,
+}
+
+impl Default for OwnersConfig {
+    fn default() -> Self {
+        OwnersConfig { threads: 0, nice: 10 }
+    }
 }
 
 /// Notification delivery (channels, the job stream and its workers).
@@ -270,6 +291,7 @@ impl Default for Config {
             stream: StreamConfig::default(),
             ingest: IngestConfig::default(),
             rules: RulesConfig::default(),
+            owners: OwnersConfig::default(),
             plugins: PluginsConfig::default(),
             notify: NotifyConfig::default(),
         }
@@ -340,6 +362,12 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.stream.partitions == 0 || self.stream.partitions > 1024 {
             return bad("stream.partitions must be between 1 and 1024");
+        }
+        if !(0..=19).contains(&self.owners.nice) {
+            return bad("owners.nice must be between 0 and 19");
+        }
+        if self.owners.threads > 256 {
+            return bad("owners.threads must be at most 256");
         }
         if self.stream.replicas == 0 || self.stream.replicas > 5 {
             return bad("stream.replicas must be between 1 and 5");
@@ -423,6 +451,12 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config { log_format: "yaml".into(), ..Default::default() };
         assert!(c.validate().is_err());
+        for nice in [-1, 20] {
+            let mut c = Config::default();
+            c.owners.nice = nice;
+            let e = c.validate().expect_err("nice out of range");
+            assert!(e.to_string().contains("owners.nice"), "{e}");
+        }
         for pool in [0, 63, 8193] {
             let mut c = Config::default();
             c.plugins.instance_pool = pool;

@@ -129,7 +129,8 @@ async fn serve(
         plugins: plugins.clone(),
         notify: Some(jobs),
     };
-    processor::spawn_all(&log, store.clone(), owners, &tracker, cancel.clone());
+    let owner_rt = processor::owner_runtime(&cfg.owners).context("cannot start the partition owners' runtime")?;
+    processor::spawn_all(&log, store.clone(), owners, &tracker, &owner_rt.handle(), cancel.clone());
     {
         // Clock ticks for rules: the leader publishes one into every partition per interval.
         let (log, control, cancel) = (log.clone(), control.clone(), cancel.clone());
@@ -214,6 +215,7 @@ async fn serve(
     if tokio::time::timeout(Duration::from_secs(20), tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within 20 s");
     }
+    drop(owner_rt);
     control.shutdown().await;
     for c in [&client, &publisher] {
         if let Err(e) = c.flush().await {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
+use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,7 +32,7 @@ use uuid::Uuid;
 
 use crate::cluster::state::Command;
 use crate::cluster::ControlPlane;
-use crate::config::RulesConfig;
+use crate::config::{OwnersConfig, RulesConfig};
 use crate::eventlog::EventLog;
 use crate::model::{now_ms, EncodedEvent, LogPosition, TenantId};
 use crate::plugins::registry::Disabled;
@@ -73,9 +74,9 @@ struct StoreWriter {
 }
 
 impl StoreWriter {
-    fn spawn(store: Arc<dyn EventStore>, tracker: &TaskTracker, cancel: CancellationToken) -> StoreWriter {
+    fn spawn(store: Arc<dyn EventStore>, tracker: &TaskTracker, on: &Handle, cancel: CancellationToken) -> StoreWriter {
         let (tx, rx) = mpsc::channel(1024);
-        tracker.spawn(write_loop(store, rx, cancel));
+        tracker.spawn_on(write_loop(store, rx, cancel), on);
         StoreWriter { tx }
     }
 
@@ -232,19 +233,72 @@ impl PluginServices {
     }
 }
 
-/// Starts one owner task per partition plus the lag reporter, tracked by `tracker`.
+/// The runtime partition owners run on: `cfg.threads` workers, and every thread of it (its
+/// blocking threads too, where store commits and rule evaluation run) `cfg.nice` lower in
+/// priority than the thread that builds it. When the node's CPU is short, HTTP and NATS
+/// intake then get it first and owners fall behind in JetStream instead, as a database runs
+/// its compactions at a lower priority than its writes.
+pub fn owner_runtime(cfg: &OwnersConfig) -> std::io::Result<OwnerRuntime> {
+    // Absolute, worked out once: a blocking thread inherits the nice value of the (already
+    // lowered) thread that starts it.
+    let base = rustix::process::getpriority_process(None).unwrap_or(0);
+    let nice = (base + cfg.nice).min(19);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.threads > 0 {
+        builder.worker_threads(cfg.threads);
+    }
+    builder
+        .thread_name("partition-owner")
+        .on_thread_start(move || {
+            if nice == base {
+                return;
+            }
+            if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
+                tracing::warn!(error = %e, nice, "cannot lower the priority of a partition owner thread");
+            }
+        })
+        .enable_all()
+        .build()
+        .map(|rt| OwnerRuntime(Some(rt)))
+}
+
+/// The owners' runtime. Dropping it stops its threads without waiting for them (it may be
+/// dropped inside the node's own runtime, where blocking is not allowed): stop the tasks on
+/// it first.
+pub struct OwnerRuntime(Option<Runtime>);
+
+impl OwnerRuntime {
+    pub fn handle(&self) -> Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            // Only `drop` takes the runtime out.
+            None => Handle::current(),
+        }
+    }
+}
+
+impl Drop for OwnerRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Starts one owner task per partition plus the lag reporter on `on`, tracked by `tracker`.
 pub fn spawn_all(
     log: &EventLog,
     store: Arc<dyn EventStore>,
     owners: Owners,
     tracker: &TaskTracker,
+    on: &Handle,
     cancel: CancellationToken,
 ) {
-    let writer = StoreWriter::spawn(store.clone(), tracker, cancel.clone());
+    let writer = StoreWriter::spawn(store.clone(), tracker, on, cancel.clone());
     for partition in 0..log.partitions() {
         let (log, writer, store, owners, cancel) =
             (log.clone(), writer.clone(), store.clone(), owners.clone(), cancel.clone());
-        tracker.spawn(async move {
+        let owner = async move {
             let mut backoff = Duration::from_millis(100);
             while !cancel.is_cancelled() {
                 match run_partition(&log, partition, &store, &writer, &owners, cancel.clone()).await {
@@ -259,10 +313,10 @@ pub fn spawn_all(
                     }
                 }
             }
-        });
+        };
+        tracker.spawn_on(owner, on);
     }
-    let log = log.clone();
-    tracker.spawn(report_lag(log, cancel));
+    tracker.spawn_on(report_lag(log.clone(), cancel), on);
 }
 
 /// A batch read from the log, on its way to the evaluator.
@@ -592,6 +646,37 @@ async fn report_lag(log: EventLog, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Owner threads, workers and blocking threads alike, run `nice` lower than the node's
+    /// own threads, and no lower than that however they are started.
+    #[test]
+    fn owner_threads_run_at_lower_priority() {
+        let own = rustix::process::getpriority_process(None).unwrap();
+        let rt = owner_runtime(&OwnersConfig { threads: 1, nice: 3 }).unwrap();
+        let handle = rt.handle();
+        let (worker, blocking, nested) = handle.block_on(async {
+            let worker = tokio::spawn(async { rustix::process::getpriority_process(None).unwrap() }).await.unwrap();
+            let blocking =
+                tokio::task::spawn_blocking(|| rustix::process::getpriority_process(None).unwrap()).await.unwrap();
+            // A blocking thread started from a blocking thread (already lowered).
+            let nested = tokio::task::spawn_blocking(|| {
+                Handle::current()
+                    .block_on(tokio::task::spawn_blocking(|| rustix::process::getpriority_process(None).unwrap()))
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            (worker, blocking, nested)
+        });
+        let expected = (own + 3).min(19);
+        assert_eq!((worker, blocking, nested), (expected, expected, expected));
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), own, "the caller keeps its priority");
+        let same = owner_runtime(&OwnersConfig { threads: 1, nice: 0 }).unwrap();
+        let p = same.handle().block_on(async {
+            tokio::task::spawn_blocking(|| rustix::process::getpriority_process(None).unwrap()).await
+        });
+        assert_eq!(p.unwrap(), own);
+    }
 
     #[test]
     fn an_event_matches_only_its_own_subject() {
