@@ -6,8 +6,8 @@
 //! BENCH_SUSTAINED=0 the sustained-load rows, for profiling one phase; BENCH_RAW sets the raw
 //! rate the sustained rows are shares of when the baselines are skipped; BENCH_SUSTAINED_BATCH
 //! the events per request of the sustained rows, default 100; BENCH_SHARES the shares of the raw
-//! rate they run at, default 0.3,0.4,0.5,0.6). Prints figures;
-//! asserts nothing.
+//! rate they run at, default 0.3,0.4,0.5,0.6; BENCH_NICE the partition owners' `owners.nice`).
+//! Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(dead_code)]
@@ -323,6 +323,7 @@ async fn run() {
     let mut cfg = test_config(&nats.url, data.path());
     cfg.stream.partitions = 16;
     cfg.ingest.max_body_bytes = 8 * 1024 * 1024;
+    cfg.owners.nice = env("BENCH_NICE", cfg.owners.nice as usize) as i32;
     let node = TestNode::start(cfg).await;
     let (tenant, api) = Api::admin(&node).create_tenant("bench", None).await;
 
