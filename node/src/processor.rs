@@ -259,27 +259,27 @@ pub fn owner_runtime(cfg: &OwnersConfig) -> std::io::Result<OwnerRuntime> {
         })
         .enable_all()
         .build()
-        .map(|rt| OwnerRuntime(Some(rt)))
+        .map(|rt| OwnerRuntime { handle: rt.handle().clone(), rt: Some(rt) })
 }
 
 /// The owners' runtime. Dropping it stops its threads without waiting for them (it may be
 /// dropped inside the node's own runtime, where blocking is not allowed): stop the tasks on
 /// it first.
-pub struct OwnerRuntime(Option<Runtime>);
+pub struct OwnerRuntime {
+    /// Taken out only by `drop`.
+    rt: Option<Runtime>,
+    handle: Handle,
+}
 
 impl OwnerRuntime {
     pub fn handle(&self) -> Handle {
-        match &self.0 {
-            Some(rt) => rt.handle().clone(),
-            // Only `drop` takes the runtime out.
-            None => Handle::current(),
-        }
+        self.handle.clone()
     }
 }
 
 impl Drop for OwnerRuntime {
     fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
+        if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
     }
