@@ -1,26 +1,28 @@
-//! The control plane: an openraft cluster whose replicated state machine holds tenants and
-//! API-key digests. `dev` runs a one-node cluster; more nodes join the same cluster later
-//! (membership changes through [`openraft::Raft::add_learner`] / `change_membership`).
+//! The control plane: an openraft cluster whose replicated state machine holds tenants, API-key
+//! digests, rules, silences, plugins and channels. A single node is a one-voter cluster; the
+//! nodes of a cluster find each other over NATS ([`membership`]).
 //!
 //! Reads (key lookups on every request) go to the local state-machine view, which every node
 //! updates as it applies the log: a revoked key stops working on a node as soon as that node
-//! applies the revocation.
+//! applies the revocation. Writes work on every node: a follower forwards them to the leader
+//! ([`network::ForwardRequest`]) and answers once its own view has applied them, so what a
+//! caller wrote on a node is what it reads there next.
 //!
 //! Uses `signalops-core`, `signalops-plugins`, `signalops-notify` and `signalops-rules` for the
 //! records its state holds (plugins, channels, rule sets); the node crate above runs it.
 
+pub mod membership;
 pub mod network;
 pub mod state;
 pub mod storage;
 
-use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::BasicNode;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -29,6 +31,8 @@ use signalops_notify::channel::Channel;
 use signalops_plugins::registry::Disabled;
 use signalops_plugins::Digest;
 
+use membership::{MembershipConfig, Peers};
+use network::{ForwardReply, ForwardRequest};
 use state::{Command, CommandResult, ControlView};
 
 openraft::declare_raft_types!(
@@ -54,7 +58,7 @@ pub enum ControlError {
     Initialize(String),
     #[error("no raft leader elected within {0:?}")]
     NoLeader(Duration),
-    #[error("this node is not the raft leader (leader: {leader:?})")]
+    #[error("no control-plane leader could take the write (last known leader: {leader:?})")]
     NotLeader { leader: Option<u64> },
     #[error("raft write failed: {0}")]
     Write(String),
@@ -62,23 +66,63 @@ pub enum ControlError {
     Rpc(#[from] async_nats::SubscribeError),
 }
 
+/// How long a forwarded write may take, retries included, before the caller gets a 503.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one forward waits for the leader's answer.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Handle to the control plane. Cheap to clone.
 #[derive(Clone)]
 pub struct ControlPlane {
     raft: Raft,
     view: Arc<RwLock<ControlView>>,
     node_id: u64,
+    nats: async_nats::Client,
+    peers: Peers,
+    cfg: Arc<MembershipConfig>,
+}
+
+/// A member of the cluster as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    pub id: u64,
+    /// Its HTTP API, from its heartbeats (or from when it was added).
+    pub url: Option<String>,
+    /// `voter` or `learner` (a member that owns partitions but does not vote).
+    pub role: &'static str,
+    pub leader: bool,
+    /// Milliseconds since this node last heard its heartbeat; `None` if never.
+    pub last_heartbeat_ms_ago: Option<u64>,
+    /// `alive` (heard within `cluster.node_timeout_ms`) or `down`.
+    pub state: &'static str,
+}
+
+/// The cluster as this node sees it: what `GET /v1/admin/cluster` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// The node answering.
+    pub node_id: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    /// Whether the answering node is a member (voter or learner) and knows a leader.
+    pub joined: bool,
+    pub members: Vec<MemberView>,
+    /// Nodes heard from that are not members yet (the leader is adding them).
+    pub joining: Vec<MemberView>,
 }
 
 impl ControlPlane {
-    /// Opens the Raft store under `dir`, starts Raft with NATS as its network, bootstraps a
-    /// one-node cluster on first start, and waits until this node leads.
+    /// Opens the Raft store under `dir`, starts Raft with NATS as its network, and bootstraps
+    /// the cluster if this node is a seed and Raft has no state yet. A lone seed (a single
+    /// node) waits until it leads; in a larger cluster the node starts at once and joins as the
+    /// others come ([`ControlPlane::joined`] tells when).
     pub async fn start(
-        node_id: u64,
+        cfg: MembershipConfig,
         dir: &Path,
         nats: async_nats::Client,
         cancel: CancellationToken,
     ) -> Result<ControlPlane, ControlError> {
+        let node_id = cfg.node_id;
         let db = storage::open_db(&dir.join("raft.redb"))?;
         let sm = storage::StateMachineStore::load(db.clone())?;
         let view = sm.view();
@@ -96,38 +140,113 @@ impl ControlPlane {
         let raft = openraft::Raft::new(node_id, Arc::new(config), network, log, sm).await?;
 
         let rpc_raft = raft.clone();
+        let (rpc_nats, rpc_cancel) = (nats.clone(), cancel.clone());
         tokio::spawn(async move {
-            if let Err(e) = network::serve(nats, rpc_raft, node_id, cancel).await {
+            if let Err(e) = network::serve(rpc_nats, rpc_raft, node_id, rpc_cancel).await {
                 tracing::error!(error = %e, "raft rpc server stopped");
             }
         });
 
-        if !raft.is_initialized().await? {
-            let mut members = BTreeMap::new();
-            members.insert(node_id, BasicNode::default());
-            raft.initialize(members).await.map_err(|e| ControlError::Initialize(e.to_string()))?;
-            tracing::info!(node_id, "bootstrapped a one-node control-plane cluster");
+        let peers = Peers::default();
+        // Heard before bootstrapping, so the first leader adds the other nodes at once.
+        let heartbeat = membership::heartbeats(nats.clone(), cfg.clone(), peers.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = heartbeat.await {
+                tracing::error!(error = %e, "cluster heartbeats stopped");
+            }
+        });
+        if membership::bootstrap(&raft, &cfg).await.map_err(ControlError::Initialize)? {
+            tracing::info!(node_id, seeds = ?cfg.seeds, "bootstrapped the control-plane cluster");
+        } else if !cfg.seeds.contains(&node_id) && !raft.is_initialized().await? {
+            tracing::info!(node_id, seeds = ?cfg.seeds, "waiting for the cluster's leader to add this node");
         }
-        let wait = Duration::from_secs(10);
-        raft.wait(Some(wait))
-            .metrics(|m| m.current_leader.is_some(), "a leader is elected")
-            .await
-            .map_err(|_| ControlError::NoLeader(wait))?;
-        Ok(ControlPlane { raft, view, node_id })
+        tokio::spawn(membership::reconcile(raft.clone(), cfg.clone(), peers.clone(), cancel.clone()));
+        if cfg.seeds == [node_id] {
+            let wait = Duration::from_secs(10);
+            raft.wait(Some(wait))
+                .metrics(|m| m.current_leader.is_some(), "a leader is elected")
+                .await
+                .map_err(|_| ControlError::NoLeader(wait))?;
+        }
+        Ok(ControlPlane { raft, view, node_id, nats, peers, cfg: Arc::new(cfg) })
     }
 
     pub fn node_id(&self) -> u64 {
         self.node_id
     }
 
-    /// Proposes a command and waits until it is committed and applied here.
+    /// Proposes a command and waits until it is committed and applied here. On a follower the
+    /// command is forwarded to the leader (again to a new leader if the first one goes away),
+    /// applied there once, and answered when this node has applied it too.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ControlError> {
-        match self.raft.client_write(cmd).await {
+        match self.raft.client_write(cmd.clone()).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ControlError::NotLeader { leader: f.leader_id })
-            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => self.forward(cmd, f.leader_id).await,
             Err(e) => Err(ControlError::Write(e.to_string())),
+        }
+    }
+
+    async fn forward(&self, cmd: Command, mut leader: Option<u64>) -> Result<CommandResult, ControlError> {
+        let req = ForwardRequest { request: Uuid::new_v4(), cmd };
+        let body: bytes::Bytes = rmp_serde::to_vec_named(&req)
+            .map_err(|e| ControlError::Write(format!("cannot encode the forwarded write: {e}")))?
+            .into();
+        let deadline = tokio::time::Instant::now() + FORWARD_DEADLINE;
+        loop {
+            let reply = match leader {
+                // Leading now (the leader changed meanwhile): write here, under the same request
+                // id, so a forward that did reach the old leader is not applied twice.
+                Some(id) if id == self.node_id => {
+                    let cmd = Command::Forwarded { request: req.request, cmd: Box::new(req.cmd.clone()) };
+                    match self.raft.client_write(cmd).await {
+                        Ok(resp) => return Ok(resp.data),
+                        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                            Some(ForwardReply::NotLeader { leader: f.leader_id })
+                        }
+                        Err(e) => return Err(ControlError::Write(e.to_string())),
+                    }
+                }
+                Some(id) => {
+                    let request = self.nats.request(network::subject(id, "write"), body.clone());
+                    match tokio::time::timeout(FORWARD_TIMEOUT, request).await {
+                        Ok(Ok(msg)) => rmp_serde::from_slice::<ForwardReply>(&msg.payload).ok(),
+                        Ok(Err(e)) => {
+                            tracing::debug!(leader = id, error = %e, "forwarded write not answered");
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                }
+                None => None,
+            };
+            match reply {
+                Some(ForwardReply::Applied { result, index }) => {
+                    // Read-your-writes here: wait (briefly) until this node applied it too.
+                    let wait = self.raft.wait(Some(Duration::from_secs(2)));
+                    if wait.applied_index_at_least(Some(index), "forwarded write applied").await.is_err() {
+                        tracing::warn!(index, "forwarded write committed but not yet applied on this node");
+                    }
+                    return Ok(result);
+                }
+                Some(ForwardReply::Failed(e)) => return Err(ControlError::Write(e)),
+                Some(ForwardReply::NotLeader { leader: Some(l) }) if Some(l) != leader => {
+                    leader = Some(l);
+                    continue;
+                }
+                _ => {}
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(ControlError::NotLeader { leader });
+            }
+            // No answer or no leader: wait for one (an election in progress), then try again.
+            let known = leader;
+            let _ = self
+                .raft
+                .wait(Some(remaining.min(Duration::from_millis(500))))
+                .metrics(|m| m.current_leader.is_some() && m.current_leader != known, "a new leader")
+                .await;
+            leader = self.raft.metrics().borrow().current_leader;
         }
     }
 
@@ -147,6 +266,57 @@ impl ControlPlane {
     /// True while this node is the Raft leader (it runs the singleton tasks).
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// True while this node is a member of the cluster (voter or learner) and knows a leader.
+    pub fn joined(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.is_some() && m.membership_config.membership().nodes().any(|(id, _)| *id == self.node_id)
+    }
+
+    /// The heartbeats this node has heard.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// The members, their roles and liveness, as this node sees them.
+    pub fn cluster(&self) -> ClusterView {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let heard = self.peers.snapshot();
+        let now = std::time::Instant::now();
+        let member = |id: u64, addr: Option<&str>, role: &'static str| {
+            let peer = heard.get(&id);
+            let ago = peer.map(|p| now.duration_since(p.last_seen));
+            MemberView {
+                id,
+                url: peer.map(|p| p.url.clone()).or_else(|| addr.filter(|a| !a.is_empty()).map(str::to_string)),
+                role,
+                leader: m.current_leader == Some(id),
+                last_heartbeat_ms_ago: ago.map(|d| d.as_millis() as u64),
+                state: if ago.is_some_and(|d| d <= self.cfg.node_timeout) { "alive" } else { "down" },
+            }
+        };
+        let members: Vec<MemberView> = membership
+            .nodes()
+            .map(|(id, node)| {
+                member(*id, Some(node.addr.as_str()), if voters.contains(id) { "voter" } else { "learner" })
+            })
+            .collect();
+        let joining = heard
+            .keys()
+            .filter(|id| !members.iter().any(|mv| mv.id == **id))
+            .map(|id| member(*id, None, "joining"))
+            .collect();
+        ClusterView {
+            node_id: self.node_id,
+            leader: m.current_leader,
+            term: m.current_term,
+            joined: self.joined(),
+            members,
+            joining,
+        }
     }
 
     pub async fn shutdown(&self) {

@@ -1,7 +1,8 @@
 //! Raft RPC between nodes over NATS request/reply.
 //!
 //! Node `n` serves `signalops.raft.<n>.{append,vote,snapshot}`; bodies are MessagePack and a
-//! reply is `Result<response, RaftError>`. Using the NATS cluster the nodes already share means
+//! reply is `Result<response, RaftError>`. It also serves `signalops.raft.<n>.write`, where the
+//! other nodes forward control-plane writes while `n` leads ([`ForwardRequest`]). Using the NATS cluster the nodes already share means
 //! no extra port or peer address book: a node id is enough to reach a peer.
 
 use std::time::Duration;
@@ -19,11 +20,33 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{Raft, TypeConfig};
+use uuid::Uuid;
+
+use crate::state::{Command, CommandResult};
+use crate::{Raft, TypeConfig};
 
 type NodeId = u64;
 
-fn subject(node: NodeId, rpc: &str) -> String {
+/// A control-plane write a node forwards to the leader. `request` names it: a retried forward
+/// is applied once and answered the same way.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ForwardRequest {
+    pub request: Uuid,
+    pub cmd: Command,
+}
+
+/// The leader's answer to a forwarded write.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub enum ForwardReply {
+    /// Committed and applied on the leader at this log index, with this result.
+    Applied { result: CommandResult, index: u64 },
+    /// The receiver does not lead (any more); the leader it knows, if any.
+    NotLeader { leader: Option<NodeId> },
+    /// The write failed on the leader (storage, shutdown).
+    Failed(String),
+}
+
+pub(crate) fn subject(node: NodeId, rpc: &str) -> String {
     format!("signalops.raft.{node}.{rpc}")
 }
 
@@ -127,6 +150,7 @@ pub async fn serve(client: Client, raft: Raft, node_id: NodeId, cancel: Cancella
                 "append" => handle(&msg.payload, |req| async move { raft.append_entries(req).await }).await,
                 "vote" => handle(&msg.payload, |req| async move { raft.vote(req).await }).await,
                 "snapshot" => handle(&msg.payload, |req| async move { raft.install_snapshot(req).await }).await,
+                "write" => handle(&msg.payload, |req: ForwardRequest| async move { write(&raft, req).await }).await,
                 other => Err(anyhow::anyhow!("unknown raft rpc `{other}`")),
             };
             match body {
@@ -152,4 +176,17 @@ where
     let req: Req = rmp_serde::from_slice(payload)?;
     let resp = f(req).await;
     Ok(rmp_serde::to_vec_named(&resp)?)
+}
+
+/// Applies a forwarded write if this node leads.
+async fn write(raft: &Raft, req: ForwardRequest) -> ForwardReply {
+    use openraft::error::{ClientWriteError, RaftError};
+    let cmd = Command::Forwarded { request: req.request, cmd: Box::new(req.cmd) };
+    match raft.client_write(cmd).await {
+        Ok(resp) => ForwardReply::Applied { result: resp.data, index: resp.log_id.index },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            ForwardReply::NotLeader { leader: f.leader_id }
+        }
+        Err(e) => ForwardReply::Failed(e.to_string()),
+    }
 }

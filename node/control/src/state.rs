@@ -130,7 +130,16 @@ pub enum Command {
         channel_id: Uuid,
         disabled: Option<Disabled>,
     },
+    /// A command another node forwarded to the leader. Applied once per `request` however often
+    /// the forward is retried; a repeat answers what the first application did.
+    Forwarded {
+        request: Uuid,
+        cmd: Box<Command>,
+    },
 }
+
+/// How many forwarded requests the state remembers (for retried forwards); the oldest go first.
+pub const FORWARDED_KEPT: usize = 10_000;
 
 /// What applying a command did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +185,10 @@ pub struct ControlState {
     pub plugins: BTreeMap<Uuid, PluginRecord>,
     #[serde(default)]
     pub channels: BTreeMap<Uuid, Channel>,
+    /// Forwarded requests already applied and what they answered, oldest first (at most
+    /// [`FORWARDED_KEPT`]); in snapshots too, so a retry after a snapshot is still recognised.
+    #[serde(default)]
+    pub forwarded: std::collections::VecDeque<(Uuid, CommandResult)>,
 }
 
 /// The state plus lookup indexes derived from it (rebuilt, never replicated).
@@ -310,6 +323,17 @@ impl ControlView {
 
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
+            Command::Forwarded { request, cmd } => {
+                if let Some((_, done)) = self.state.forwarded.iter().find(|(r, _)| r == request) {
+                    return done.clone();
+                }
+                let result = self.apply(cmd);
+                self.state.forwarded.push_back((*request, result.clone()));
+                while self.state.forwarded.len() > FORWARDED_KEPT {
+                    self.state.forwarded.pop_front();
+                }
+                result
+            }
             Command::CreateTenant { tenant, key } => {
                 if self.state.tenants.values().any(|t| t.name == tenant.name) {
                     return CommandResult::TenantNameTaken;

@@ -17,8 +17,6 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub http: SocketAddr,
-    /// This node's Raft id (unique in the cluster).
-    pub node_id: u64,
     /// Operator token for `/v1/admin`. In `dev` it is generated on first start when unset.
     pub admin_token: Option<String>,
     /// `text` or `json` log lines.
@@ -30,6 +28,62 @@ pub struct Config {
     pub owners: OwnersConfig,
     pub plugins: PluginsConfig,
     pub notify: NotifyConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// How a node finds its cluster and what it promises the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster and kept across restarts. Unset: the ordinal at
+    /// the end of the host name, as a StatefulSet names its pods (`signalops-2` is node 2);
+    /// a host name without one makes node 1.
+    pub node_id: Option<u64>,
+    /// The nodes that form the cluster the first time it starts. Each of them bootstraps Raft
+    /// with exactly this set, so one cluster forms whatever order they start in. Empty: this
+    /// node alone. A node not listed never bootstraps: it announces itself and the leader adds
+    /// it.
+    pub seeds: Vec<u64>,
+    /// Most voting members (odd, 1-7). Further nodes join as non-voting members that still own
+    /// partitions; a voter that leaves is replaced by one of them.
+    pub voters: usize,
+    /// How often a node announces itself to the others (its heartbeat), in milliseconds.
+    pub heartbeat_ms: u64,
+    /// A node not heard from for this long counts as down, in milliseconds.
+    pub node_timeout_ms: u64,
+    /// The URL the other nodes and clients reach this node's HTTP API at. Unset:
+    /// `http://` and the HTTP listen address.
+    pub advertise_url: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            seeds: Vec::new(),
+            voters: 3,
+            heartbeat_ms: 500,
+            node_timeout_ms: 5000,
+            advertise_url: None,
+        }
+    }
+}
+
+/// The ordinal a StatefulSet puts at the end of a pod's host name: `signalops-2` is 2.
+pub fn host_ordinal(host: &str) -> Option<u64> {
+    let (_, tail) = host.trim().rsplit_once('-')?;
+    if tail.is_empty() || !tail.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    tail.parse().ok()
+}
+
+/// This machine's host name: `HOSTNAME` (set in every Kubernetes pod), else the kernel's.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
 }
 
 /// Where partition owners (consume, store, evaluate rules and plugins, ack) run.
@@ -298,7 +352,6 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./signalops-data"),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            node_id: 1,
             admin_token: None,
             log_format: "text".into(),
             nats: NatsConfig::default(),
@@ -308,6 +361,7 @@ impl Default for Config {
             owners: OwnersConfig::default(),
             plugins: PluginsConfig::default(),
             notify: NotifyConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -372,8 +426,28 @@ impl Config {
         Ok(cfg)
     }
 
+    /// This node's id: `cluster.node_id`, else the host name's ordinal, else 1.
+    pub fn node_id(&self) -> u64 {
+        self.cluster.node_id.or_else(|| host_name().as_deref().and_then(host_ordinal)).unwrap_or(1)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.cluster.voters == 0 || self.cluster.voters > 7 || self.cluster.voters.is_multiple_of(2) {
+            return bad("cluster.voters must be 1, 3, 5 or 7");
+        }
+        if self.cluster.heartbeat_ms < 50 || self.cluster.node_timeout_ms < 3 * self.cluster.heartbeat_ms {
+            return bad("cluster.heartbeat_ms must be at least 50 and cluster.node_timeout_ms at least 3 heartbeats");
+        }
+        let mut seeds = self.cluster.seeds.clone();
+        seeds.sort_unstable();
+        seeds.dedup();
+        if seeds.len() != self.cluster.seeds.len() {
+            return bad("cluster.seeds must not repeat a node id");
+        }
+        if seeds.len() > self.cluster.voters {
+            return bad("cluster.seeds may list at most cluster.voters nodes");
+        }
         if self.stream.partitions == 0 || self.stream.partitions > 1024 {
             return bad("stream.partitions must be between 1 and 1024");
         }
@@ -443,6 +517,28 @@ mod tests {
     use super::*;
 
     /// `config.default.toml` documents every key: it must parse and equal the built-in defaults.
+    #[test]
+    fn node_ids_come_from_the_host_ordinal() {
+        assert_eq!(host_ordinal("signalops-2"), Some(2));
+        assert_eq!(host_ordinal("signalops-0\n"), Some(0));
+        assert_eq!(host_ordinal("my-signalops-node-12"), Some(12));
+        assert_eq!(host_ordinal("signalops"), None);
+        assert_eq!(host_ordinal("signalops-"), None);
+        assert_eq!(host_ordinal("signalops-2a"), None);
+        let mut c = Config::default();
+        c.cluster.node_id = Some(7);
+        assert_eq!(c.node_id(), 7);
+        c.cluster.seeds = vec![1, 2, 3];
+        c.validate().unwrap();
+        c.cluster.seeds = vec![1, 1];
+        assert!(c.validate().is_err());
+        c.cluster.seeds = vec![1, 2, 3, 4];
+        assert!(c.validate().is_err());
+        c.cluster.seeds = vec![];
+        c.cluster.voters = 2;
+        assert!(c.validate().is_err());
+    }
+
     #[test]
     fn default_file_matches_defaults() {
         let text = include_str!("../../../config.default.toml");

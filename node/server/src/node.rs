@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use signalops_control::membership::MembershipConfig;
 use signalops_control::ControlPlane;
 use signalops_core::config::Config;
 use signalops_core::config::ConfigError;
@@ -76,19 +77,30 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // Two connections: one carries ingest publishes and their acks, the other consumption,
     // Raft and the NATS ingest subscription, so neither direction queues behind the other.
-    let connect = |role: &str| {
-        async_nats::ConnectOptions::new().name(format!("signalops-node-{}-{role}", cfg.node_id)).connect(url)
-    };
+    let node_id = node_identity(&cfg)?;
+    let http_addr = listener.local_addr()?;
+    let connect =
+        |role: &str| async_nats::ConnectOptions::new().name(format!("signalops-node-{node_id}-{role}")).connect(url);
     let client = connect("main").await.with_context(|| format!("cannot connect to NATS at {url}"))?;
     let publisher = connect("ingest").await.with_context(|| format!("cannot connect to NATS at {url}"))?;
     let publish_timeout = Duration::from_millis(cfg.ingest.publish_timeout_ms);
-    let log = EventLog::open(client.clone(), &cfg.stream, publish_timeout).await?;
-    let ingest_log = EventLog::open(publisher.clone(), &cfg.stream, publish_timeout).await?;
+    let log = until_ready("the event stream", || EventLog::open(client.clone(), &cfg.stream, publish_timeout)).await?;
+    let ingest_log =
+        until_ready("the event stream", || EventLog::open(publisher.clone(), &cfg.stream, publish_timeout)).await?;
     let window_ms = (cfg.ingest.idempotency_window_secs as i64).saturating_mul(1000);
     let store: Arc<dyn EventStore> = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("events"), window_ms)?);
 
     let cancel = CancellationToken::new();
-    let control = ControlPlane::start(cfg.node_id, &cfg.data_dir, client.clone(), cancel.child_token()).await?;
+    let membership = MembershipConfig {
+        node_id,
+        // No seeds: this node alone.
+        seeds: if cfg.cluster.seeds.is_empty() { vec![node_id] } else { cfg.cluster.seeds.clone() },
+        voters: cfg.cluster.voters,
+        heartbeat: Duration::from_millis(cfg.cluster.heartbeat_ms),
+        node_timeout: Duration::from_millis(cfg.cluster.node_timeout_ms),
+        url: cfg.cluster.advertise_url.clone().unwrap_or_else(|| format!("http://{}", http_addr)),
+    };
+    let control = ControlPlane::start(membership, &cfg.data_dir, client.clone(), cancel.child_token()).await?;
 
     let admin_token = match mode {
         Mode::Dev => {
@@ -114,11 +126,17 @@ async fn serve(
     let rule_stats = processor::RuleStatsRegistry::default();
     let plugins = signalops_plugins::PluginServices {
         runtime: Arc::new(signalops_plugins::PluginRuntime::new(&cfg.plugins)?),
-        modules: signalops_plugins::store::ModuleStore::open(client.clone(), cfg.stream.replicas).await?,
+        modules: until_ready("the plugin module store", || {
+            signalops_plugins::store::ModuleStore::open(client.clone(), cfg.stream.replicas)
+        })
+        .await?,
         stats: signalops_plugins::PluginStatsRegistry::default(),
         max_consecutive_failures: cfg.plugins.max_consecutive_failures,
     };
-    let jobs = signalops_notify::queue::JobQueue::open(client.clone(), &cfg.notify, cfg.stream.replicas).await?;
+    let jobs = until_ready("the notification streams", || {
+        signalops_notify::queue::JobQueue::open(client.clone(), &cfg.notify, cfg.stream.replicas)
+    })
+    .await?;
     let notifier = signalops_notify::Notifier::new(
         Arc::new(control.clone()),
         store.clone(),
@@ -207,7 +225,7 @@ async fn serve(
         notifier,
         notify_cfg: cfg.notify.clone(),
     });
-    tracing::info!(addr = %listener.local_addr()?, node_id = cfg.node_id, "serving HTTP");
+    tracing::info!(addr = %http_addr, node_id, "serving HTTP");
     let http_intake = intake.clone();
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move {
@@ -231,6 +249,64 @@ async fn serve(
     served.context("HTTP server")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long start-up waits for JetStream to take its streams (a NATS cluster still electing
+/// its leaders answers with time-outs meanwhile).
+const JETSTREAM_START_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `open` until it succeeds or [`JETSTREAM_START_WAIT`] has passed, backing off between
+/// tries; the last error is returned.
+async fn until_ready<T, E, F, Fut>(what: &str, mut open: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + JETSTREAM_START_WAIT;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match open().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot open {what} yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(4));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The file in the data dir that records which node the data dir belongs to.
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// This node's id, kept in the data dir from its first start: a node that restarts stays the
+/// member it was even if its host name changes. A configured `cluster.node_id` that disagrees
+/// with the data dir stops the node (it would join as a stranger holding another's log).
+fn node_identity(cfg: &Config) -> anyhow::Result<u64> {
+    let path = cfg.data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let stored: u64 =
+                text.trim().parse().with_context(|| format!("{} does not hold a node id", path.display()))?;
+            if let Some(configured) = cfg.cluster.node_id.filter(|c| *c != stored) {
+                anyhow::bail!(
+                    "the data dir {} belongs to node {stored}, but cluster.node_id is {configured}",
+                    cfg.data_dir.display()
+                );
+            }
+            Ok(stored)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A data dir from before node ids were recorded was always node 1's.
+            let id =
+                if cfg.data_dir.join("raft.redb").exists() { cfg.cluster.node_id.unwrap_or(1) } else { cfg.node_id() };
+            std::fs::write(&path, format!("{id}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -22,6 +22,12 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/admin/tenants/{id}/keys", post(create_key).get(list_keys))
         .route("/v1/admin/tenants/{id}/keys/{key_id}", delete(revoke_key))
+        .route("/v1/admin/cluster", get(cluster))
+}
+
+/// The cluster as the answering node sees it: members, their roles and heartbeats, the leader.
+async fn cluster(State(state): State<AppState>, _: Operator) -> Json<signalops_control::ClusterView> {
+    Json(state.control.cluster())
 }
 
 #[derive(Deserialize)]
@@ -35,7 +41,7 @@ pub struct CreateTenant {
 pub(crate) fn control_error(e: ControlError) -> ApiError {
     match e {
         ControlError::NotLeader { leader } => {
-            ApiError::unavailable(format!("this node is not the control-plane leader (leader: {leader:?}); retry"), 1)
+            ApiError::unavailable(format!("no control-plane leader took the write (last known: {leader:?}); retry"), 1)
         }
         other => ApiError::internal("control plane write", &other),
     }

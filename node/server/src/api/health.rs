@@ -1,5 +1,5 @@
 //! `/healthz` (the process answers), `/readyz` (NATS connected, stream present, store open,
-//! control plane has a leader) and `/metrics` (Prometheus text).
+//! this node has joined the control-plane cluster and knows its leader) and `/metrics` (Prometheus text).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -22,7 +22,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
     let stream = nats && state.log.check().await;
     let store = state.store.check().await.is_ok();
-    let control = state.control.has_leader();
+    let control = state.control.joined();
     let ready = nats && stream && store && control;
     let body =
         json!({"ready": ready, "checks": {"nats": nats, "stream": stream, "store": store, "control_plane": control}});

@@ -56,6 +56,10 @@ impl Nats {
 
     /// Starts (or restarts) on `dir`'s JetStream data; `port` keeps the previous port.
     pub fn start_in(dir: TempDir, port: Option<u16>) -> Nats {
+        Self::start_with(dir, port, &[])
+    }
+
+    fn start_with(dir: TempDir, port: Option<u16>, extra: &[String]) -> Nats {
         let ports_dir = dir.path().join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).unwrap();
@@ -65,6 +69,7 @@ impl Nats {
             .arg(dir.path().join("js"))
             .arg("--ports_file_dir")
             .arg(&ports_dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -105,6 +110,50 @@ impl Drop for Nats {
     }
 }
 
+/// Three (or more) nats-servers in one NATS cluster with JetStream, as a cluster of nodes
+/// runs against in production.
+pub struct NatsCluster {
+    pub servers: Vec<Nats>,
+}
+
+impl NatsCluster {
+    pub async fn start(n: usize) -> NatsCluster {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_list = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let servers: Vec<Nats> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let extra = [
+                    "--server_name".to_string(),
+                    format!("n{}", i + 1),
+                    "--cluster_name".to_string(),
+                    "signalops-test".to_string(),
+                    "--cluster".to_string(),
+                    format!("nats://127.0.0.1:{port}"),
+                    "--routes".to_string(),
+                    route_list.clone(),
+                ];
+                Nats::start_with(tempfile::tempdir().unwrap(), None, &extra)
+            })
+            .collect();
+        // JetStream answers once its meta group has a leader.
+        let client = async_nats::connect(&servers[0].url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        eventually(30, "JetStream cluster ready", || {
+            let js = js.clone();
+            async move { js.query_account().await.ok().map(|_| ()) }
+        })
+        .await;
+        NatsCluster { servers }
+    }
+
+    /// The client URL of server `i`.
+    pub fn url(&self, i: usize) -> &str {
+        &self.servers[i].url
+    }
+}
+
 pub fn test_config(nats_url: &str, data_dir: &Path) -> Config {
     let mut cfg = Config { data_dir: data_dir.to_path_buf(), ..Default::default() };
     cfg.nats.url = nats_url.to_string();
@@ -122,29 +171,47 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start(cfg: Config) -> TestNode {
+        let mut node = Self::spawn(cfg).await;
+        node.wait_ready().await;
+        node
+    }
+
+    /// Starts a node without waiting for it to be ready (nodes of a cluster become ready
+    /// together).
+    pub async fn spawn(cfg: Config) -> TestNode {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(node::run(cfg, Mode::Node, listener, async move {
             let _ = rx.await;
         }));
-        let node = TestNode { base, stop: Some(tx), handle: Some(handle) };
-        node.wait_ready().await;
-        node
+        TestNode { base, stop: Some(tx), handle: Some(handle) }
     }
 
-    pub async fn wait_ready(&self) {
+    /// Waits until `/readyz` answers 200; a node that stopped meanwhile fails with its error.
+    pub async fn wait_ready(&mut self) {
         let client = reqwest::Client::new();
         let url = format!("{}/readyz", self.base);
-        eventually(30, "node ready", || {
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                let r = client.get(&url).send().await.ok()?;
-                (r.status() == StatusCode::OK).then_some(())
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = Value::Null;
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status() == StatusCode::OK {
+                    return;
+                }
+                last = r.json().await.unwrap_or(Value::Null);
             }
-        })
-        .await;
+            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                let result = self.handle.take().unwrap().await.unwrap();
+                panic!("node at {} stopped before it was ready: {result:?}", self.base);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30 s waiting for node {} to be ready: {last}",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Graceful shutdown; returns the node's result.

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod cluster;
 mod durability;
 mod errors;
 mod harness;

@@ -1,0 +1,186 @@
+//! Who is in the cluster: heartbeats over NATS, the bootstrap by the seed nodes, and the
+//! leader adding the nodes it hears from.
+//!
+//! Every node publishes a [`Heartbeat`] on [`HEARTBEAT_SUBJECT`] every `heartbeat` and keeps
+//! the last one it heard from each node ([`Peers`]); that table is what the cluster view shows
+//! as last heartbeat and state, and what the leader reads to tell live nodes from down ones.
+//!
+//! Forming: only the nodes listed in `cluster.seeds` bootstrap, each with exactly that set of
+//! voters, so however they start (all at once, one by one, restarted mid-way) they form one
+//! cluster; Raft lets every member initialise with the same membership. Any other node waits
+//! until the leader hears its heartbeat, adds it as a learner and, while the cluster has fewer
+//! than `cluster.voters` voters, promotes it. A node that restarts is already a member and is
+//! never added again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use openraft::{BasicNode, ChangeMembers};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::Raft;
+
+/// Where nodes announce themselves. Only nodes may publish or subscribe here.
+pub const HEARTBEAT_SUBJECT: &str = "signalops.cluster.heartbeat";
+
+/// What a node announces about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node_id: u64,
+    /// Where its HTTP API is reached.
+    pub url: String,
+}
+
+/// The last heartbeat heard from a node, on this node's clock.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub url: String,
+    pub last_seen: Instant,
+}
+
+/// The heartbeats this node has heard, by node id (its own included).
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    inner: Arc<Mutex<BTreeMap<u64, Peer>>>,
+}
+
+impl Peers {
+    fn note(&self, hb: Heartbeat) {
+        let mut peers = match self.inner.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        peers.insert(hb.node_id, Peer { url: hb.url, last_seen: Instant::now() });
+    }
+
+    /// Every node heard from, with its last heartbeat.
+    pub fn snapshot(&self) -> BTreeMap<u64, Peer> {
+        match self.inner.lock() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The nodes heard from within `timeout`.
+    pub fn live(&self, timeout: Duration) -> BTreeMap<u64, Peer> {
+        let now = Instant::now();
+        self.snapshot().into_iter().filter(|(_, p)| now.duration_since(p.last_seen) <= timeout).collect()
+    }
+}
+
+/// What membership needs to know about this node's cluster settings.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    pub node_id: u64,
+    pub seeds: Vec<u64>,
+    pub voters: usize,
+    pub heartbeat: Duration,
+    pub node_timeout: Duration,
+    pub url: String,
+}
+
+/// Bootstraps Raft if this node is a seed and Raft has no state yet. Every seed initialises
+/// with the same voters (and no addresses, which come from heartbeats), so the first entry of
+/// the log is the same on each of them.
+pub async fn bootstrap(raft: &Raft, cfg: &MembershipConfig) -> Result<bool, String> {
+    if raft.is_initialized().await.map_err(|e| e.to_string())? || !cfg.seeds.contains(&cfg.node_id) {
+        return Ok(false);
+    }
+    let members: BTreeMap<u64, BasicNode> = cfg.seeds.iter().map(|id| (*id, BasicNode::default())).collect();
+    match raft.initialize(members).await {
+        Ok(()) => Ok(true),
+        // Another seed's leader reached this node first: it is a member already.
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Publishes this node's heartbeat every `cfg.heartbeat` and records every heartbeat heard,
+/// until `cancel` fires.
+pub async fn heartbeats(
+    nats: async_nats::Client,
+    cfg: MembershipConfig,
+    peers: Peers,
+    cancel: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut sub = nats.subscribe(HEARTBEAT_SUBJECT).await?;
+    let own = Heartbeat { node_id: cfg.node_id, url: cfg.url.clone() };
+    let body: bytes::Bytes = match rmp_serde::to_vec_named(&own) {
+        Ok(b) => b.into(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode this node's heartbeat");
+            return Ok(());
+        }
+    };
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                peers.note(own.clone());
+                if let Err(e) = nats.publish(HEARTBEAT_SUBJECT, body.clone()).await {
+                    tracing::debug!(error = %e, "cannot publish heartbeat");
+                }
+            }
+            msg = sub.next() => {
+                let Some(msg) = msg else { return Ok(()) };
+                match rmp_serde::from_slice::<Heartbeat>(&msg.payload) {
+                    Ok(hb) => peers.note(hb),
+                    Err(e) => tracing::debug!(error = %e, "undecodable heartbeat"),
+                }
+            }
+        }
+    }
+}
+
+/// On the leader: adds the live nodes that are not members as learners, and promotes live
+/// learners to voters while there are fewer than `cfg.voters`. Runs every heartbeat until
+/// `cancel` fires; followers only watch.
+pub async fn reconcile(raft: Raft, cfg: MembershipConfig, peers: Peers, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if raft.metrics().borrow().current_leader != Some(cfg.node_id) {
+            continue;
+        }
+        if let Err(e) = reconcile_once(&raft, &cfg, &peers).await {
+            tracing::warn!(error = %e, "cluster membership change failed; retrying");
+        }
+    }
+}
+
+async fn reconcile_once(raft: &Raft, cfg: &MembershipConfig, peers: &Peers) -> Result<(), String> {
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+    let live = peers.live(cfg.node_timeout);
+    for (id, peer) in &live {
+        if members.contains(id) {
+            continue;
+        }
+        tracing::info!(node_id = id, url = %peer.url, "adding node to the cluster as a learner");
+        // Waits until the learner has caught up with the log, so a promotion right after it
+        // does not stall commits.
+        raft.add_learner(*id, BasicNode::new(&peer.url), true).await.map_err(|e| e.to_string())?;
+    }
+    if voters.len() >= cfg.voters {
+        return Ok(());
+    }
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let promote: BTreeSet<u64> =
+        membership.learner_ids().filter(|id| live.contains_key(id)).take(cfg.voters - voters.len()).collect();
+    if promote.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(nodes = ?promote, "promoting learners to voters");
+    raft.change_membership(ChangeMembers::AddVoterIds(promote), false).await.map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! Several nodes in one cluster, on a NATS cluster of three servers: one control-plane cluster
+//! forms from the seeds whatever their start order, writes work on any node, and a node that is
+//! not a seed joins without operator steps.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use signalops_core::config::Config;
+use tempfile::TempDir;
+
+use crate::harness::{eventually, test_config, Api, NatsCluster, TestNode};
+
+fn node_config(nats: &NatsCluster, data: &TempDir, id: u64, seeds: &[u64]) -> Config {
+    let mut cfg = test_config(nats.url(id as usize % nats.servers.len()), data.path());
+    cfg.cluster.node_id = Some(id);
+    cfg.cluster.seeds = seeds.to_vec();
+    cfg.cluster.heartbeat_ms = 100;
+    cfg.cluster.node_timeout_ms = 2000;
+    cfg.stream.replicas = 3;
+    cfg
+}
+
+/// The cluster view of `api`'s node once `ok` holds for it.
+async fn cluster_when(api: &Api, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    eventually(30, what, || async {
+        let (s, v) = api.get("/v1/admin/cluster").await;
+        (s == StatusCode::OK && ok(&v)).then_some(v)
+    })
+    .await
+}
+
+fn roles(view: &Value) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = view["members"]
+        .as_array()
+        .map(|m| {
+            m.iter().map(|m| (m["id"].as_u64().unwrap_or(0), m["role"].as_str().unwrap_or("").to_string())).collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seeds_form_one_cluster_writes_work_on_any_node_and_a_new_node_joins() {
+    signalops::telemetry::init_logging("text");
+    let nats = NatsCluster::start(3).await;
+    let dirs: Vec<TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let seeds = [1, 2, 3];
+    // Started in reverse order, without waiting for one another.
+    let mut nodes = Vec::new();
+    for id in [3u64, 2, 1] {
+        nodes.push((id, TestNode::spawn(node_config(&nats, &dirs[id as usize - 1], id, &seeds)).await));
+    }
+    nodes.sort_by_key(|(id, _)| *id);
+    for (_, n) in &mut nodes {
+        n.wait_ready().await;
+    }
+    let apis: Vec<Api> = nodes.iter().map(|(_, n)| Api::admin(n)).collect();
+
+    // One cluster: every node names the same leader and the same three voters.
+    let expected = vec![(1, "voter".to_string()), (2, "voter".to_string()), (3, "voter".to_string())];
+    let mut leaders = Vec::new();
+    for api in &apis {
+        let v = cluster_when(api, "three voters and a leader", |v| {
+            v["joined"] == json!(true) && v["leader"].is_u64() && roles(v) == expected
+        })
+        .await;
+        leaders.push(v["leader"].as_u64().unwrap());
+    }
+    leaders.dedup();
+    assert_eq!(leaders.len(), 1, "every node names the same leader: {leaders:?}");
+    let leader = leaders[0];
+
+    // A write on a follower is forwarded, answered as on the leader, and seen everywhere.
+    let follower = apis.iter().zip(&nodes).find(|(_, (id, _))| *id != leader).map(|(a, _)| a.clone()).unwrap();
+    let (status, created) = follower.post("/v1/admin/tenants", &json!({"name": "acme"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let tenant_id = created["tenant_id"].as_str().unwrap().to_string();
+    let (status, again) = follower.post("/v1/admin/tenants", &json!({"name": "acme"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the follower answers what the leader does: {again}");
+    // Read-your-writes on the node that took the write, and the key works there at once.
+    let tenant = Api::new(&follower.base, created["api_key"].as_str().unwrap());
+    let (status, _) = tenant.get("/v1/events?limit=1").await;
+    assert_eq!(status, StatusCode::OK);
+    for api in &apis {
+        eventually(5, "the tenant visible on every node", || async {
+            let (s, v) = api.get("/v1/admin/tenants").await;
+            let found = v["tenants"].as_array()?.iter().any(|t| t["tenant_id"] == json!(tenant_id));
+            (s == StatusCode::OK && found).then_some(())
+        })
+        .await;
+    }
+
+    // A fourth node, not a seed, joins as a learner (the cluster has its three voters).
+    let fourth = TestNode::start(node_config(&nats, &dirs[3], 4, &seeds)).await;
+    let fourth_api = Api::admin(&fourth);
+    let mut with_learner = expected.clone();
+    with_learner.push((4, "learner".to_string()));
+    let v =
+        cluster_when(&fourth_api, "node 4 a learner", |v| v["joined"] == json!(true) && roles(v) == with_learner).await;
+    assert_eq!(v["leader"].as_u64(), Some(leader));
+    let alive = v["members"].as_array().unwrap().iter().all(|m| m["state"] == json!("alive"));
+    assert!(alive, "every member's heartbeat is heard: {v}");
+    // It takes writes too.
+    let (status, body) = fourth_api.post("/v1/admin/tenants", &json!({"name": "globex"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    fourth.stop().await.unwrap();
+    for (_, n) in nodes {
+        n.stop().await.unwrap();
+    }
+}
