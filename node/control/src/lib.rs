@@ -11,13 +11,16 @@
 //! Uses `signalops-core`, `signalops-plugins`, `signalops-notify` and `signalops-rules` for the
 //! records its state holds (plugins, channels, rule sets); the node crate above runs it.
 
+pub mod assignment;
 pub mod membership;
 pub mod network;
 pub mod state;
 pub mod storage;
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -80,6 +83,9 @@ pub struct ControlPlane {
     nats: async_nats::Client,
     peers: Peers,
     cfg: Arc<MembershipConfig>,
+    /// Partitions of the event stream (0 until the node has opened it): the leader assigns
+    /// them once known.
+    partitions: Arc<AtomicU32>,
 }
 
 /// A member of the cluster as this node sees it.
@@ -109,6 +115,20 @@ pub struct ClusterView {
     pub members: Vec<MemberView>,
     /// Nodes heard from that are not members yet (the leader is adding them).
     pub joining: Vec<MemberView>,
+    /// Every partition of the event stream, with its owner.
+    pub partitions: Vec<PartitionView>,
+}
+
+/// A partition and its owner.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionView {
+    pub partition: u32,
+    pub owner: Option<u64>,
+    /// Grows with every move of the partition.
+    pub epoch: u64,
+    /// `active` (its owner is alive), `orphaned` (its owner is down; the leader moves it) or
+    /// `unassigned`.
+    pub state: &'static str,
 }
 
 impl ControlPlane {
@@ -160,7 +180,15 @@ impl ControlPlane {
         } else if !cfg.seeds.contains(&node_id) && !raft.is_initialized().await? {
             tracing::info!(node_id, seeds = ?cfg.seeds, "waiting for the cluster's leader to add this node");
         }
-        tokio::spawn(membership::reconcile(raft.clone(), cfg.clone(), peers.clone(), cancel.clone()));
+        let partitions = Arc::new(AtomicU32::new(0));
+        tokio::spawn(membership::reconcile(
+            raft.clone(),
+            cfg.clone(),
+            peers.clone(),
+            view.clone(),
+            partitions.clone(),
+            cancel.clone(),
+        ));
         if cfg.seeds == [node_id] {
             let wait = Duration::from_secs(10);
             raft.wait(Some(wait))
@@ -168,7 +196,7 @@ impl ControlPlane {
                 .await
                 .map_err(|_| ControlError::NoLeader(wait))?;
         }
-        Ok(ControlPlane { raft, view, node_id, nats, peers, cfg: Arc::new(cfg) })
+        Ok(ControlPlane { raft, view, node_id, nats, peers, cfg: Arc::new(cfg), partitions })
     }
 
     pub fn node_id(&self) -> u64 {
@@ -268,6 +296,17 @@ impl ControlPlane {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
+    /// Tells the control plane how many partitions the event stream has; the leader assigns
+    /// them from then on.
+    pub fn set_partitions(&self, count: u32) {
+        self.partitions.store(count, Ordering::Relaxed);
+    }
+
+    /// The partitions this node owns, with their epochs.
+    pub fn owned_partitions(&self) -> BTreeMap<u32, u64> {
+        self.read().partitions_of(self.node_id)
+    }
+
     /// True while this node is a member of the cluster (voter or learner) and knows a leader.
     pub fn joined(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
@@ -309,6 +348,21 @@ impl ControlPlane {
             .filter(|id| !members.iter().any(|mv| mv.id == **id))
             .map(|id| member(*id, None, "joining"))
             .collect();
+        let assigned = self.read().state.partitions.clone();
+        let partitions = (0..self.partitions.load(Ordering::Relaxed))
+            .map(|p| match assigned.get(&p) {
+                Some(o) => {
+                    let alive = members.iter().any(|mv| mv.id == o.node && mv.state == "alive");
+                    PartitionView {
+                        partition: p,
+                        owner: Some(o.node),
+                        epoch: o.epoch,
+                        state: if alive { "active" } else { "orphaned" },
+                    }
+                }
+                None => PartitionView { partition: p, owner: None, epoch: 0, state: "unassigned" },
+            })
+            .collect();
         ClusterView {
             node_id: self.node_id,
             leader: m.current_leader,
@@ -316,6 +370,7 @@ impl ControlPlane {
             joined: self.joined(),
             members,
             joining,
+            partitions,
         }
     }
 

@@ -21,6 +21,9 @@ use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::state::{Command, ControlView};
 use crate::Raft;
 
 /// Where nodes announce themselves. Only nodes may publish or subscribe here.
@@ -137,24 +140,75 @@ pub async fn heartbeats(
     }
 }
 
-/// On the leader: adds the live nodes that are not members as learners, and promotes live
-/// learners to voters while there are fewer than `cfg.voters`. Runs every heartbeat until
-/// `cancel` fires; followers only watch.
-pub async fn reconcile(raft: Raft, cfg: MembershipConfig, peers: Peers, cancel: CancellationToken) {
+/// On the leader: adds the live nodes that are not members as learners, promotes live
+/// learners to voters while there are fewer than `cfg.voters`, and assigns the partitions
+/// (once `partitions` is known) over the live members. Runs every heartbeat until `cancel`
+/// fires; followers only watch.
+pub async fn reconcile(
+    raft: Raft,
+    cfg: MembershipConfig,
+    peers: Peers,
+    view: Arc<std::sync::RwLock<ControlView>>,
+    partitions: Arc<AtomicU32>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_leader = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if raft.metrics().borrow().current_leader != Some(cfg.node_id) {
+        let leader = raft.metrics().borrow().current_leader;
+        if leader != last_leader {
+            if leader.is_some() {
+                metrics::counter!(signalops_core::telemetry::LEADER_CHANGES).increment(1);
+                tracing::info!(leader = ?leader, "control-plane leader");
+            }
+            last_leader = leader;
+        }
+        if leader != Some(cfg.node_id) {
             continue;
         }
         if let Err(e) = reconcile_once(&raft, &cfg, &peers).await {
             tracing::warn!(error = %e, "cluster membership change failed; retrying");
         }
+        let count = partitions.load(Ordering::Relaxed);
+        if count > 0 {
+            if let Err(e) = balance(&raft, &cfg, &peers, &view, count).await {
+                tracing::warn!(error = %e, "partition assignment failed; retrying");
+            }
+        }
     }
+}
+
+/// Moves partitions so that every one has a live owner and the live members share them evenly.
+async fn balance(
+    raft: &Raft,
+    cfg: &MembershipConfig,
+    peers: &Peers,
+    view: &std::sync::RwLock<ControlView>,
+    partitions: u32,
+) -> Result<(), String> {
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let live: BTreeSet<u64> = {
+        let heard = peers.live(cfg.node_timeout);
+        membership.nodes().map(|(id, _)| *id).filter(|id| heard.contains_key(id)).collect()
+    };
+    let current = match view.read() {
+        Ok(v) => v.state.partitions.clone(),
+        Err(poisoned) => poisoned.into_inner().state.partitions.clone(),
+    };
+    let moves = crate::assignment::plan(&current, partitions, &live);
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let orphaned = moves.iter().filter(|(p, _)| current.get(p).is_none_or(|o| !live.contains(&o.node))).count();
+    tracing::info!(moves = moves.len(), orphaned, live = ?live, "assigning partitions");
+    metrics::counter!(signalops_core::telemetry::PARTITION_MOVES).increment(moves.len() as u64);
+    raft.client_write(Command::AssignPartitions { moves }).await.map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 async fn reconcile_once(raft: &Raft, cfg: &MembershipConfig, peers: &Peers) -> Result<(), String> {

@@ -130,12 +130,25 @@ pub enum Command {
         channel_id: Uuid,
         disabled: Option<Disabled>,
     },
+    /// Partition owners chosen by the leader's balancer: each move gives the partition to
+    /// `node` with the next epoch.
+    AssignPartitions {
+        moves: Vec<(u32, u64)>,
+    },
     /// A command another node forwarded to the leader. Applied once per `request` however often
     /// the forward is retried; a repeat answers what the first application did.
     Forwarded {
         request: Uuid,
         cmd: Box<Command>,
     },
+}
+
+/// Which node owns a partition. The epoch grows with every move, so an owner can tell it was
+/// deposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOwner {
+    pub node: u64,
+    pub epoch: u64,
 }
 
 /// How many forwarded requests the state remembers (for retried forwards); the oldest go first.
@@ -189,6 +202,9 @@ pub struct ControlState {
     /// [`FORWARDED_KEPT`]); in snapshots too, so a retry after a snapshot is still recognised.
     #[serde(default)]
     pub forwarded: std::collections::VecDeque<(Uuid, CommandResult)>,
+    /// The owner of each assigned partition.
+    #[serde(default)]
+    pub partitions: BTreeMap<u32, PartitionOwner>,
 }
 
 /// The state plus lookup indexes derived from it (rebuilt, never replicated).
@@ -243,6 +259,11 @@ impl ControlView {
             .map(|(t, c)| (*t, c.clone()))
             .collect();
         RuleSet { revision: self.rules_revision, tenants }
+    }
+
+    /// The partitions `node` owns, with their epochs.
+    pub fn partitions_of(&self, node: u64) -> BTreeMap<u32, u64> {
+        self.state.partitions.iter().filter(|(_, o)| o.node == node).map(|(p, o)| (*p, o.epoch)).collect()
     }
 
     /// The current version of a tenant's rule.
@@ -323,6 +344,13 @@ impl ControlView {
 
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
+            Command::AssignPartitions { moves } => {
+                for (partition, node) in moves {
+                    let epoch = self.state.partitions.get(partition).map_or(0, |o| o.epoch) + 1;
+                    self.state.partitions.insert(*partition, PartitionOwner { node: *node, epoch });
+                }
+                CommandResult::Done
+            }
             Command::Forwarded { request, cmd } => {
                 if let Some((_, done)) = self.state.forwarded.iter().find(|(r, _)| r == request) {
                     return done.clone();

@@ -56,3 +56,10 @@ pub const NOTIFY_ATTEMPT_DURATION: &str = "signalops_notify_attempt_duration_sec
 pub const NOTIFY_QUEUE_TO_DELIVERED: &str = "signalops_notify_queue_to_delivered_seconds";
 /// Channels the node disabled (410 Gone or repeated exhausted deliveries).
 pub const NOTIFY_CHANNELS_DISABLED: &str = "signalops_notify_channels_disabled_total";
+
+/// Partition moves the leader made (joins, departures, rebalancing).
+pub const PARTITION_MOVES: &str = "signalops_partition_moves_total";
+/// Partitions this node owns (runs the owners of).
+pub const OWNED_PARTITIONS: &str = "signalops_owned_partitions";
+/// Raft leader changes this node saw.
+pub const LEADER_CHANGES: &str = "signalops_leader_changes_total";

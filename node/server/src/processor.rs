@@ -15,8 +15,10 @@
 //! windows without repeating increments it had committed. Every event is stored once and counts
 //! once.
 //!
-//! This node owns every partition of the stream; partition assignment through the control plane
-//! arrives with multi-node clusters.
+//! Ownership: the control plane's leader assigns each partition to one live node (with an
+//! epoch that grows at every move); [`supervise`] runs an owner for each partition assigned to
+//! this node and stops the owner of one that moves away, which commits its checkpoint as it
+//! ends. A single node owns every partition.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -284,28 +286,87 @@ pub fn spawn_all(
     cancel: CancellationToken,
 ) {
     let writer = StoreWriter::spawn(store.clone(), tracker, on, cancel.clone());
-    for partition in 0..log.partitions() {
-        let (log, writer, store, owners, cancel) =
-            (log.clone(), writer.clone(), store.clone(), owners.clone(), cancel.clone());
-        let owner = async move {
-            let mut backoff = Duration::from_millis(100);
-            while !cancel.is_cancelled() {
-                match run_partition(&log, partition, &store, &writer, &owners, cancel.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(partition, error = %e, "partition owner failed; restarting");
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        };
-        tracker.spawn_on(owner, on);
-    }
+    owners.control.set_partitions(log.partitions());
+    tracker.spawn_on(supervise(log.clone(), store, writer, owners, tracker.clone(), on.clone(), cancel.clone()), on);
     tracker.spawn_on(report_lag(log.clone(), cancel), on);
+}
+
+/// How often the supervisor compares the partitions it runs with those assigned to it.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs an owner for each partition the control plane assigns to this node, and stops the
+/// owner of a partition that moves away (or moves back with a new epoch): the owner stops
+/// reading, commits what it read and its engine checkpoint, and ends.
+async fn supervise(
+    log: EventLog,
+    store: Arc<dyn EventStore>,
+    writer: StoreWriter,
+    owners: Owners,
+    tracker: TaskTracker,
+    on: Handle,
+    cancel: CancellationToken,
+) {
+    let mut running: HashMap<u32, (u64, CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let assigned = owners.control.owned_partitions();
+        running.retain(|partition, (epoch, stop, handle)| {
+            if assigned.get(partition) != Some(epoch) {
+                if !stop.is_cancelled() {
+                    tracing::info!(partition, epoch, "partition moved away; stopping its owner");
+                    stop.cancel();
+                }
+                // Kept until it has ended, so a partition moving back is not run twice here.
+                !handle.is_finished()
+            } else {
+                true
+            }
+        });
+        for (partition, epoch) in &assigned {
+            if running.contains_key(partition) {
+                continue;
+            }
+            tracing::info!(partition, epoch, "partition assigned; starting its owner");
+            let stop = cancel.child_token();
+            let owner = run_owner(log.clone(), *partition, store.clone(), writer.clone(), owners.clone(), stop.clone());
+            running.insert(*partition, (*epoch, stop, tracker.spawn_on(owner, &on)));
+        }
+        metrics::gauge!(telemetry::OWNED_PARTITIONS).set(assigned.len() as f64);
+    }
+    for (_, (_, stop, handle)) in running {
+        stop.cancel();
+        let _ = handle.await;
+    }
+}
+
+/// One partition's owner, restarted with back-off after a failure, until `stop` fires.
+async fn run_owner(
+    log: EventLog,
+    partition: u32,
+    store: Arc<dyn EventStore>,
+    writer: StoreWriter,
+    owners: Owners,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match run_partition(&log, partition, &store, &writer, &owners, stop.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::error!(partition, error = %e, "partition owner failed; restarting");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// A batch read from the log, on its way to the evaluator.

@@ -28,6 +28,19 @@ async fn cluster_when(api: &Api, what: &str, ok: impl Fn(&Value) -> bool) -> Val
     .await
 }
 
+/// Partitions per owner, when every partition is active.
+fn owners(view: &Value) -> Option<std::collections::BTreeMap<u64, usize>> {
+    let parts = view["partitions"].as_array()?;
+    let mut out = std::collections::BTreeMap::new();
+    for p in parts {
+        if p["state"] != json!("active") {
+            return None;
+        }
+        *out.entry(p["owner"].as_u64()?).or_insert(0) += 1;
+    }
+    (!parts.is_empty()).then_some(out)
+}
+
 fn roles(view: &Value) -> Vec<(u64, String)> {
     let mut out: Vec<(u64, String)> = view["members"]
         .as_array()
@@ -70,6 +83,14 @@ async fn seeds_form_one_cluster_writes_work_on_any_node_and_a_new_node_joins() {
     assert_eq!(leaders.len(), 1, "every node names the same leader: {leaders:?}");
     let leader = leaders[0];
 
+    // The four partitions are shared by the three nodes (2, 1, 1).
+    let v = cluster_when(&apis[0], "partitions over three nodes", |v| {
+        owners(v).is_some_and(|o| o.len() == 3 && o.values().all(|n| (1..=2).contains(n)))
+    })
+    .await;
+    let epochs: Vec<u64> = v["partitions"].as_array().unwrap().iter().map(|p| p["epoch"].as_u64().unwrap()).collect();
+    assert!(epochs.iter().all(|e| *e >= 1), "{v}");
+
     // A write on a follower is forwarded, answered as on the leader, and seen everywhere.
     let follower = apis.iter().zip(&nodes).find(|(_, (id, _))| *id != leader).map(|(a, _)| a.clone()).unwrap();
     let (status, created) = follower.post("/v1/admin/tenants", &json!({"name": "acme"})).await;
@@ -95,16 +116,30 @@ async fn seeds_form_one_cluster_writes_work_on_any_node_and_a_new_node_joins() {
     let fourth_api = Api::admin(&fourth);
     let mut with_learner = expected.clone();
     with_learner.push((4, "learner".to_string()));
-    let v =
-        cluster_when(&fourth_api, "node 4 a learner", |v| v["joined"] == json!(true) && roles(v) == with_learner).await;
+    let v = cluster_when(&fourth_api, "node 4 a learner that hears every member", |v| {
+        let alive = v["members"].as_array().is_some_and(|m| m.iter().all(|m| m["state"] == json!("alive")));
+        v["joined"] == json!(true) && roles(v) == with_learner && alive
+    })
+    .await;
     assert_eq!(v["leader"].as_u64(), Some(leader));
-    let alive = v["members"].as_array().unwrap().iter().all(|m| m["state"] == json!("alive"));
-    assert!(alive, "every member's heartbeat is heard: {v}");
     // It takes writes too.
     let (status, body) = fourth_api.post("/v1/admin/tenants", &json!({"name": "globex"})).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // And a share of the partitions: one each.
+    cluster_when(&fourth_api, "one partition per node", |v| {
+        owners(v).is_some_and(|o| o.len() == 4 && o.values().all(|n| *n == 1))
+    })
+    .await;
 
+    // Node 4 goes away: once its heartbeats stop for the node timeout, its partition moves.
     fourth.stop().await.unwrap();
+    let v = cluster_when(&apis[0], "node 4's partition moved", |v| {
+        owners(v).is_some_and(|o| o.len() == 3 && !o.contains_key(&4))
+    })
+    .await;
+    let down = v["members"].as_array().unwrap().iter().find(|m| m["id"] == json!(4)).cloned();
+    assert_eq!(down.map(|m| m["state"].clone()), Some(json!("down")), "{v}");
+
     for (_, n) in nodes {
         n.stop().await.unwrap();
     }
