@@ -161,6 +161,10 @@ impl Transition {
 #[derive(Debug, Clone, Default)]
 pub struct PartitionEffects {
     pub partition: u32,
+    /// The owner's epoch for the partition (the control plane raises it at every move; 0 for
+    /// an engine no assignment stands behind). The store refuses effects older than the
+    /// newest epoch it has committed for the partition, so a deposed owner commits nothing.
+    pub epoch: u64,
     pub meta: EngineMeta,
     /// Alerts created or changed, in order (a later copy of the same id wins).
     pub alerts: Vec<Alert>,

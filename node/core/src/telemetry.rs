@@ -63,3 +63,6 @@ pub const PARTITION_MOVES: &str = "signalops_partition_moves_total";
 pub const OWNED_PARTITIONS: &str = "signalops_owned_partitions";
 /// Raft leader changes this node saw.
 pub const LEADER_CHANGES: &str = "signalops_leader_changes_total";
+/// Effects the store refused because a newer owner of their partition had committed (a
+/// deposed owner's late commits).
+pub const FENCED_COMMITS: &str = "signalops_fenced_commits_total";

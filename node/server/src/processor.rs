@@ -65,7 +65,7 @@ const MAX_COMMIT: usize = 8_000;
 
 enum Job {
     Events { events: Arc<[EncodedEvent]>, done: oneshot::Sender<Vec<EventOutcome>> },
-    Effects { effects: PartitionEffects, done: oneshot::Sender<()> },
+    Effects { effects: PartitionEffects, done: oneshot::Sender<bool> },
 }
 
 /// Sends writes to the group-commit writer; cheap to clone. The writer stops once every
@@ -90,7 +90,9 @@ impl StoreWriter {
         Some(rx)
     }
 
-    async fn effects(&self, effects: PartitionEffects) -> Option<oneshot::Receiver<()>> {
+    /// Submits effects; the answer says whether they were committed (`false`: fenced, the
+    /// partition has a newer owner).
+    async fn effects(&self, effects: PartitionEffects) -> Option<oneshot::Receiver<bool>> {
         let (done, rx) = oneshot::channel();
         self.tx.send(Job::Effects { effects, done }).await.ok()?;
         Some(rx)
@@ -129,9 +131,9 @@ async fn write_loop(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<Job>, can
         }
         let set = Arc::new(set);
         let mut backoff = Duration::from_millis(50);
-        let outcomes = loop {
+        let written = loop {
             match store.write(set.clone(), now_ms()).await {
-                Ok(outcomes) => break outcomes,
+                Ok(written) => break written,
                 Err(e) => {
                     metrics::counter!(telemetry::STORE_ERRORS).increment(1);
                     tracing::error!(error = %e, "store write failed; retrying before ack");
@@ -143,6 +145,7 @@ async fn write_loop(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<Job>, can
                 }
             }
         };
+        let outcomes = written.events;
         let stored = outcomes.iter().filter(|o| **o == EventOutcome::Stored).count();
         metrics::counter!(telemetry::EVENTS_STORED).increment(stored as u64);
         metrics::counter!(telemetry::EVENTS_SKIPPED).increment((outcomes.len() - stored) as u64);
@@ -157,8 +160,11 @@ async fn write_loop(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<Job>, can
         for (n, done) in waiting_events {
             let _ = done.send(rest.by_ref().take(n).collect());
         }
-        for done in waiting_effects {
-            let _ = done.send(());
+        for (i, done) in waiting_effects.into_iter().enumerate() {
+            let _ = done.send(!written.fenced.contains(&i));
+        }
+        if !written.fenced.is_empty() {
+            metrics::counter!(telemetry::FENCED_COMMITS).increment(written.fenced.len() as u64);
         }
     }
 }
@@ -333,7 +339,8 @@ async fn supervise(
             }
             tracing::info!(partition, epoch, "partition assigned; starting its owner");
             let stop = cancel.child_token();
-            let owner = run_owner(log.clone(), *partition, store.clone(), writer.clone(), owners.clone(), stop.clone());
+            let owner =
+                run_owner(log.clone(), *partition, *epoch, store.clone(), writer.clone(), owners.clone(), stop.clone());
             running.insert(*partition, (*epoch, stop, tracker.spawn_on(owner, &on)));
         }
         metrics::gauge!(telemetry::OWNED_PARTITIONS).set(assigned.len() as f64);
@@ -348,6 +355,7 @@ async fn supervise(
 async fn run_owner(
     log: EventLog,
     partition: u32,
+    epoch: u64,
     store: Arc<dyn EventStore>,
     writer: StoreWriter,
     owners: Owners,
@@ -355,7 +363,7 @@ async fn run_owner(
 ) {
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
-        match run_partition(&log, partition, &store, &writer, &owners, stop.clone()).await {
+        match run_partition(&log, partition, epoch, &store, &writer, &owners, stop.clone()).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::error!(partition, error = %e, "partition owner failed; restarting");
@@ -394,6 +402,7 @@ enum Item {
 async fn run_partition(
     log: &EventLog,
     partition: u32,
+    epoch: u64,
     store: &Arc<dyn EventStore>,
     writer: &StoreWriter,
     owners: &Owners,
@@ -449,7 +458,8 @@ async fn run_partition(
     let (to_eval, eval_rx) = mpsc::channel(MAX_UNACKED_BATCHES);
     let (acks, pending_acks) = mpsc::channel(MAX_UNACKED_BATCHES);
     let acker = tokio::spawn(ack_in_order(partition, pending_acks));
-    let evaluator = tokio::spawn(evaluate(engine, eval_rx, writer.clone(), acks, owners.clone(), log.partitions()));
+    let evaluator =
+        tokio::spawn(evaluate(engine, epoch, eval_rx, writer.clone(), acks, owners.clone(), log.partitions()));
     let result = read_batches(partition, &name, &mut batches, writer, &to_eval, cancel).await;
     drop(to_eval);
     // Batches already read are still evaluated, committed and acked before the owner ends.
@@ -463,11 +473,18 @@ async fn run_partition(
 /// commit never came (writer stopped) ends the acker: nothing after it is acked either.
 async fn ack_in_order(
     partition: u32,
-    mut pending: mpsc::Receiver<(oneshot::Receiver<()>, async_nats::jetstream::Message)>,
+    mut pending: mpsc::Receiver<(oneshot::Receiver<bool>, async_nats::jetstream::Message)>,
 ) {
     while let Some((committed, last)) = pending.recv().await {
-        if committed.await.is_err() {
-            return;
+        match committed.await {
+            Ok(true) => {}
+            Ok(false) => {
+                // The store has a newer owner's commit for this partition: this owner was
+                // deposed, and nothing it read is acknowledged.
+                tracing::warn!(partition, "partition fenced: a newer owner commits it; this owner stops");
+                return;
+            }
+            Err(_) => return,
         }
         if let Err(e) = last.ack().await {
             // Not fatal: the consumer restarts from the engine's checkpoint anyway.
@@ -480,9 +497,10 @@ async fn ack_in_order(
 /// effects, and hands the ack on. Ends with a final checkpoint when the reader stops.
 async fn evaluate(
     mut engine: Engine,
+    epoch: u64,
     mut batches: mpsc::Receiver<ReadBatch>,
     writer: StoreWriter,
-    acks: mpsc::Sender<(oneshot::Receiver<()>, async_nats::jetstream::Message)>,
+    acks: mpsc::Sender<(oneshot::Receiver<bool>, async_nats::jetstream::Message)>,
     owners: Owners,
     partitions: u32,
 ) -> anyhow::Result<()> {
@@ -510,7 +528,7 @@ async fn evaluate(
             || engine.since_checkpoint() + batch.items.len() as u64 >= owners.rules.checkpoint_events;
         let (items, events, ruleset) = (batch.items, batch.events, rules.clone());
         let started = Instant::now();
-        let (back, effects) = tokio::task::spawn_blocking(move || {
+        let (back, mut effects) = tokio::task::spawn_blocking(move || {
             run_engine(&mut engine, &items, &events, &outcomes, &ruleset);
             let effects = engine.take_effects(checkpoint);
             (engine, effects)
@@ -527,12 +545,14 @@ async fn evaluate(
         if let Some(queue) = &owners.notify {
             queue_jobs(queue, &effects, partition).await;
         }
+        effects.epoch = epoch;
         let Some(committed) = writer.effects(effects).await else { return Ok(()) };
         if acks.send((committed, batch.last)).await.is_err() {
             anyhow::bail!("partition {partition} acker stopped");
         }
     }
-    let effects = engine.take_effects(true);
+    let mut effects = engine.take_effects(true);
+    effects.epoch = epoch;
     owners.stats.publish(partition, engine.stats());
     if let Some(queue) = &owners.notify {
         queue_jobs(queue, &effects, partition).await;

@@ -39,6 +39,7 @@ pub fn event(tenant: TenantId, event_type: &str, id: &str, occurred_at_ms: i64) 
 pub async fn run_all(store: &dyn EventStore) {
     upsert_by_id(store).await;
     node_made_ids(store).await;
+    fencing(store).await;
     newest_first_paging(store).await;
     time_range_and_type(store).await;
     tenant_isolation(store).await;
@@ -73,9 +74,9 @@ async fn node_made_ids(store: &dyn EventStore) {
     let at = 1_700_000_000_123;
     let id = signalops_core::model::event_id(at).to_string();
     let first = encode(&record(t, "n", &id, at));
-    let write = |events: Vec<EncodedEvent>| {
+    let write = |events: Vec<EncodedEvent>| async move {
         let set = std::sync::Arc::new(WriteSet { events: vec![events.into()], effects: Vec::new() });
-        store.write(set, at)
+        store.write(set, at).await.map(|w| w.events)
     };
     assert_eq!(write(vec![first.clone()]).await.unwrap(), [EventOutcome::Stored]);
     let got = store.get_event(t, &id).await.unwrap().unwrap();
@@ -105,6 +106,37 @@ async fn node_made_ids(store: &dyn EventStore) {
     assert_eq!(store.get_event(t, &foreign).await.unwrap().unwrap().record.occurred_at_ms, at);
     let page = store.query(t, EventQuery { limit: 10, ..Default::default() }).await.unwrap();
     assert_eq!(page.events.len(), 2);
+}
+
+/// A partition's effects commit only from its newest owner: effects of an older epoch than one
+/// already committed (or committed beside them) are refused, and named in the outcome.
+async fn fencing(store: &dyn EventStore) {
+    use super::WriteSet;
+    use signalops_core::effects::{EngineMeta, PartitionEffects};
+    let partition = 7;
+    let effects = |epoch: u64, seq: u64| PartitionEffects {
+        partition,
+        epoch,
+        meta: EngineMeta { effects_seq: seq, state_seq: seq, clock_ms: 0 },
+        ..Default::default()
+    };
+    let write = |effects: Vec<PartitionEffects>| async move {
+        store.write(std::sync::Arc::new(WriteSet { events: Vec::new(), effects }), 1).await.unwrap().fenced
+    };
+    let seq = || async { store.load_engine(partition).await.unwrap().meta.map(|m| m.effects_seq) };
+    assert!(write(vec![effects(1, 10)]).await.is_empty());
+    assert_eq!(seq().await, Some(10));
+    // The partition moves (epoch 2); the new owner commits.
+    assert!(write(vec![effects(2, 20)]).await.is_empty());
+    // The deposed owner's late commit is refused and changes nothing.
+    assert_eq!(write(vec![effects(1, 30)]).await, [0]);
+    assert_eq!(seq().await, Some(20), "a fenced commit leaves the partition as it was");
+    // In one commit beside the newer owner's effects, the older ones are refused too.
+    assert_eq!(write(vec![effects(2, 25), effects(3, 40), effects(2, 50)]).await, [0, 2]);
+    assert_eq!(seq().await, Some(40));
+    // Other partitions are not affected.
+    let other = PartitionEffects { partition: partition + 1, ..effects(1, 5) };
+    assert!(write(vec![other]).await.is_empty());
 }
 
 async fn newest_first_paging(store: &dyn EventStore) {

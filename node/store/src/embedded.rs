@@ -37,11 +37,11 @@ use signalops_core::model::{LogPosition, StoredEvent, TenantId};
 
 use super::{
     AlertPage, AlertQuery, DeliveryPage, DeliveryQuery, EngineSnapshot, EventOutcome, EventPage, EventQuery,
-    EventStore, PageCursor, StoreError, UsageDay, WriteSet, MAX_ALERT_SCAN, USAGE_NOTIFICATIONS_SENT,
+    EventStore, PageCursor, StoreError, UsageDay, WriteOutcome, WriteSet, MAX_ALERT_SCAN, USAGE_NOTIFICATIONS_SENT,
 };
 use crate::keys::{
-    alert_key, decode, event_key, meta_key, position_from, series_key, state_key, state_key_from, state_prefix,
-    tenant_key, time_prefix, ts, ts_from, type_key, type_prefix,
+    alert_key, decode, event_key, fence_key, meta_key, position_from, series_key, state_key, state_key_from,
+    state_prefix, tenant_key, time_prefix, ts, ts_from, type_key, type_prefix,
 };
 
 struct Inner {
@@ -126,7 +126,7 @@ fn find_event(s: &Inner, tenant: &TenantId, id: &str) -> Result<Option<fjall::Sl
     }
 }
 
-fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome>, StoreError> {
+fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<WriteOutcome, StoreError> {
     let _writer = s.write.lock().map_err(|_| StoreError::Corrupt("writer lock poisoned".into()))?;
     let events: usize = set.events.iter().map(|b| b.len()).sum();
     // Sized up front: growing a batch of thousands of items reallocates it several times, and
@@ -195,9 +195,9 @@ fn write_sync(s: &Inner, set: &WriteSet, now_ms: i64) -> Result<Vec<EventOutcome
         seen.insert(id_key, r.position);
         outcomes.push(EventOutcome::Stored);
     }
-    write_effects(s, &mut batch, &set.effects)?;
+    let fenced = write_effects(s, &mut batch, &set.effects)?;
     batch.commit().map_err(be)?;
-    Ok(outcomes)
+    Ok(WriteOutcome { events: outcomes, fenced })
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -209,21 +209,44 @@ fn dec<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, StoreE
 }
 
 /// Adds effects to a commit. Several effects of one partition may share a commit: increments
-/// are summed, later alert copies and state entries win, and the newest meta is kept.
+/// are summed, later alert copies and state entries win, and the newest meta is kept. Effects
+/// of an epoch older than the partition's newest (stored, or in this commit) are left out;
+/// their indexes are returned. The newest epoch is written in the same commit, under the
+/// writer lock, so the check and the write are one step.
 fn write_effects(
     s: &Inner,
     batch: &mut fjall::OwnedWriteBatch,
     effects: &[PartitionEffects],
-) -> Result<(), StoreError> {
+) -> Result<Vec<usize>, StoreError> {
     if effects.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
+    }
+    let mut newest: HashMap<u32, u64> = HashMap::new();
+    for e in effects {
+        let stored = match newest.get(&e.partition) {
+            Some(n) => *n,
+            None => match s.engine.get(fence_key(e.partition)).map_err(be)? {
+                Some(v) => dec(&v, "partition epoch")?,
+                None => 0,
+            },
+        };
+        newest.insert(e.partition, stored.max(e.epoch));
+    }
+    let mut fenced = Vec::new();
+    let mut kept = Vec::with_capacity(effects.len());
+    for (i, e) in effects.iter().enumerate() {
+        if newest.get(&e.partition).is_some_and(|n| e.epoch < *n) {
+            fenced.push(i);
+        } else {
+            kept.push(e);
+        }
     }
     let mut alerts: HashMap<Vec<u8>, &Alert> = HashMap::new();
     let mut series: HashMap<Vec<u8>, SeriesPoint> = HashMap::new();
     let mut catalog: HashMap<Vec<u8>, CatalogEntry> = HashMap::new();
     let mut state: BTreeMap<Vec<u8>, Option<&[u8]>> = BTreeMap::new();
     let mut metas: HashMap<u32, EngineMeta> = HashMap::new();
-    for e in effects {
+    for e in kept {
         for a in &e.alerts {
             alerts.insert(alert_key(&a.tenant_id, &a.id), a);
         }
@@ -274,7 +297,12 @@ fn write_effects(
     for (p, m) in metas {
         batch.insert(&s.engine, meta_key(p), enc(&m)?);
     }
-    Ok(())
+    for (p, epoch) in newest {
+        if epoch > 0 {
+            batch.insert(&s.engine, fence_key(p), enc(&epoch)?);
+        }
+    }
+    Ok(fenced)
 }
 
 fn alert_with_ack(s: &Inner, tenant: &TenantId, id: &Uuid) -> Result<Option<(Alert, Option<AlertAck>)>, StoreError> {
@@ -488,9 +516,9 @@ fn query_sync(s: &Inner, tenant: TenantId, q: EventQuery) -> Result<EventPage, S
 
 #[async_trait]
 impl EventStore for EmbeddedStore {
-    async fn write(&self, set: Arc<WriteSet>, now_ms: i64) -> Result<Vec<EventOutcome>, StoreError> {
+    async fn write(&self, set: Arc<WriteSet>, now_ms: i64) -> Result<WriteOutcome, StoreError> {
         if set.events.iter().all(|b| b.is_empty()) && set.effects.is_empty() {
-            return Ok(Vec::new());
+            return Ok(WriteOutcome::default());
         }
         self.blocking(move |s| write_sync(s, &set, now_ms)).await
     }

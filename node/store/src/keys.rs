@@ -95,6 +95,13 @@ pub(super) fn meta_key(partition: u32) -> Vec<u8> {
     k
 }
 
+/// The newest owner epoch committed for a partition.
+pub(super) fn fence_key(partition: u32) -> Vec<u8> {
+    let mut k = partition.to_be_bytes().to_vec();
+    k.push(2);
+    k
+}
+
 pub(super) fn state_prefix(partition: u32) -> Vec<u8> {
     let mut k = partition.to_be_bytes().to_vec();
     k.push(1);

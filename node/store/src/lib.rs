@@ -94,6 +94,15 @@ pub enum EventOutcome {
     Duplicate,
 }
 
+/// What one [`EventStore::write`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// One per event of the set, in order.
+    pub events: Vec<EventOutcome>,
+    /// Indexes into the set's effects that were fenced (a deposed owner's), in order.
+    pub fenced: Vec<usize>,
+}
+
 /// One atomic write: events from the log and the effects rule engines derived from earlier
 /// events. Partition owners submit these through a group-commit writer.
 #[derive(Debug, Default)]
@@ -168,14 +177,16 @@ pub struct EngineSnapshot {
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Writes events and effects in one atomic, durable commit. Returns one outcome per event,
-    /// in order. Events whose id is already stored for their tenant, or whose `key:`
-    /// idempotency key has a live record, are not written again.
-    async fn write(&self, set: Arc<WriteSet>, now_ms: i64) -> Result<Vec<EventOutcome>, StoreError>;
+    /// in order, and the effects it refused. Events whose id is already stored for their
+    /// tenant, or whose `key:` idempotency key has a live record, are not written again.
+    /// Effects whose epoch is older than the newest committed for their partition (in the
+    /// store or in the same commit) are fenced: not written, and named in the outcome.
+    async fn write(&self, set: Arc<WriteSet>, now_ms: i64) -> Result<WriteOutcome, StoreError>;
 
     /// Stores a batch of events (no effects) and counts what happened.
     async fn store_batch(&self, events: Arc<[EncodedEvent]>, now_ms: i64) -> Result<StoreOutcome, StoreError> {
         let set = WriteSet { events: vec![events], effects: Vec::new() };
-        let outcomes = self.write(Arc::new(set), now_ms).await?;
+        let outcomes = self.write(Arc::new(set), now_ms).await?.events;
         let stored = outcomes.iter().filter(|o| **o == EventOutcome::Stored).count();
         Ok(StoreOutcome { stored, skipped: outcomes.len() - stored })
     }

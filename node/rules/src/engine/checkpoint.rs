@@ -245,6 +245,7 @@ impl Engine {
         metrics::counter!(telemetry::RULE_GROUPS_DROPPED).increment(std::mem::take(&mut out.dropped_groups));
         let mut effects = PartitionEffects {
             partition: self.partition,
+            epoch: 0,
             meta: EngineMeta {
                 effects_seq: self.processed_seq.max(self.committed_seq),
                 state_seq: self.state_seq,
