@@ -99,7 +99,8 @@ pub struct MemberView {
     pub leader: bool,
     /// Milliseconds since this node last heard its heartbeat; `None` if never.
     pub last_heartbeat_ms_ago: Option<u64>,
-    /// `alive` (heard within `cluster.node_timeout_ms`) or `down`.
+    /// `alive` (heard within `cluster.node_timeout_ms`), `down`, or `leaving` (decommissioned;
+    /// its partitions move away, then it leaves the membership).
     pub state: &'static str,
 }
 
@@ -296,14 +297,32 @@ impl ControlPlane {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
+    /// Decommissions a member: its partitions move to the other live members, then it leaves
+    /// the membership (a voter's place goes to a learner, if there is one). `false` when `node`
+    /// is not a member.
+    pub async fn decommission(&self, node: u64) -> Result<bool, ControlError> {
+        let member = self.raft.metrics().borrow().membership_config.membership().nodes().any(|(id, _)| *id == node);
+        if !member {
+            return Ok(false);
+        }
+        self.propose(Command::DecommissionNode { node }).await?;
+        Ok(true)
+    }
+
     /// Tells the control plane how many partitions the event stream has; the leader assigns
     /// them from then on.
     pub fn set_partitions(&self, count: u32) {
         self.partitions.store(count, Ordering::Relaxed);
     }
 
-    /// The partitions this node owns, with their epochs.
+    /// The partitions this node owns, with their epochs: none once it is no longer a member
+    /// (decommissioned), even if it never applied the moves of its last partitions.
     pub fn owned_partitions(&self) -> BTreeMap<u32, u64> {
+        let member =
+            self.raft.metrics().borrow().membership_config.membership().nodes().any(|(id, _)| *id == self.node_id);
+        if !member {
+            return BTreeMap::new();
+        }
         self.read().partitions_of(self.node_id)
     }
 
@@ -324,6 +343,7 @@ impl ControlPlane {
         let membership = m.membership_config.membership();
         let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
         let heard = self.peers.snapshot();
+        let leaving = self.read().state.decommissioned.clone();
         let now = std::time::Instant::now();
         let member = |id: u64, addr: Option<&str>, role: &'static str| {
             let peer = heard.get(&id);
@@ -334,7 +354,13 @@ impl ControlPlane {
                 role,
                 leader: m.current_leader == Some(id),
                 last_heartbeat_ms_ago: ago.map(|d| d.as_millis() as u64),
-                state: if ago.is_some_and(|d| d <= self.cfg.node_timeout) { "alive" } else { "down" },
+                state: if leaving.contains(&id) {
+                    "leaving"
+                } else if ago.is_some_and(|d| d <= self.cfg.node_timeout) {
+                    "alive"
+                } else {
+                    "down"
+                },
             }
         };
         let members: Vec<MemberView> = membership

@@ -171,7 +171,7 @@ pub async fn reconcile(
         if leader != Some(cfg.node_id) {
             continue;
         }
-        if let Err(e) = reconcile_once(&raft, &cfg, &peers).await {
+        if let Err(e) = reconcile_once(&raft, &cfg, &peers, &view).await {
             tracing::warn!(error = %e, "cluster membership change failed; retrying");
         }
         let count = partitions.load(Ordering::Relaxed);
@@ -192,13 +192,20 @@ async fn balance(
     partitions: u32,
 ) -> Result<(), String> {
     let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let (current, decommissioned) = match view.read() {
+        Ok(v) => (v.state.partitions.clone(), v.state.decommissioned.clone()),
+        Err(poisoned) => {
+            let v = poisoned.into_inner();
+            (v.state.partitions.clone(), v.state.decommissioned.clone())
+        }
+    };
     let live: BTreeSet<u64> = {
         let heard = peers.live(cfg.node_timeout);
-        membership.nodes().map(|(id, _)| *id).filter(|id| heard.contains_key(id)).collect()
-    };
-    let current = match view.read() {
-        Ok(v) => v.state.partitions.clone(),
-        Err(poisoned) => poisoned.into_inner().state.partitions.clone(),
+        membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| heard.contains_key(id) && !decommissioned.contains(id))
+            .collect()
     };
     let moves = crate::assignment::plan(&current, partitions, &live);
     if moves.is_empty() {
@@ -211,11 +218,40 @@ async fn balance(
     Ok(())
 }
 
-async fn reconcile_once(raft: &Raft, cfg: &MembershipConfig, peers: &Peers) -> Result<(), String> {
+async fn reconcile_once(
+    raft: &Raft,
+    cfg: &MembershipConfig,
+    peers: &Peers,
+    view: &std::sync::RwLock<ControlView>,
+) -> Result<(), String> {
+    let (decommissioned, owning) = {
+        let v = match view.read() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let owning: BTreeSet<u64> = v.state.partitions.values().map(|o| o.node).collect();
+        (v.state.decommissioned.clone(), owning)
+    };
     let membership = raft.metrics().borrow().membership_config.membership().clone();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
-    let live = peers.live(cfg.node_timeout);
+    // A decommissioned node leaves once its partitions have moved away.
+    let leaving: BTreeSet<u64> =
+        decommissioned.iter().filter(|id| members.contains(id) && !owning.contains(id)).copied().collect();
+    if !leaving.is_empty() {
+        tracing::info!(nodes = ?leaving, "removing decommissioned nodes from the cluster");
+        let voting: BTreeSet<u64> = leaving.intersection(&voters).copied().collect();
+        if !voting.is_empty() {
+            raft.change_membership(ChangeMembers::RemoveVoters(voting), false).await.map_err(|e| e.to_string())?;
+        }
+        let learners: BTreeSet<u64> = leaving.difference(&voters).copied().collect();
+        if !learners.is_empty() {
+            raft.change_membership(ChangeMembers::RemoveNodes(learners), false).await.map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
+    let live: BTreeMap<u64, Peer> =
+        peers.live(cfg.node_timeout).into_iter().filter(|(id, _)| !decommissioned.contains(id)).collect();
     for (id, peer) in &live {
         if members.contains(id) {
             continue;

@@ -135,6 +135,11 @@ pub enum Command {
     AssignPartitions {
         moves: Vec<(u32, u64)>,
     },
+    /// An operator takes a node out of the cluster: the leader moves its partitions to the
+    /// others, then removes it from the membership; it is not added again.
+    DecommissionNode {
+        node: u64,
+    },
     /// A command another node forwarded to the leader. Applied once per `request` however often
     /// the forward is retried; a repeat answers what the first application did.
     Forwarded {
@@ -205,6 +210,9 @@ pub struct ControlState {
     /// The owner of each assigned partition.
     #[serde(default)]
     pub partitions: BTreeMap<u32, PartitionOwner>,
+    /// Nodes being (or already) decommissioned: they get no partitions and leave the membership.
+    #[serde(default)]
+    pub decommissioned: std::collections::BTreeSet<u64>,
 }
 
 /// The state plus lookup indexes derived from it (rebuilt, never replicated).
@@ -344,6 +352,10 @@ impl ControlView {
 
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
+            Command::DecommissionNode { node } => {
+                self.state.decommissioned.insert(*node);
+                CommandResult::Done
+            }
             Command::AssignPartitions { moves } => {
                 for (partition, node) in moves {
                     let epoch = self.state.partitions.get(partition).map_or(0, |o| o.epoch) + 1;

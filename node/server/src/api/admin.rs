@@ -23,6 +23,21 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/tenants/{id}/keys", post(create_key).get(list_keys))
         .route("/v1/admin/tenants/{id}/keys/{key_id}", delete(revoke_key))
         .route("/v1/admin/cluster", get(cluster))
+        .route("/v1/admin/cluster/nodes/{id}", delete(decommission))
+}
+
+/// Takes a node out of the cluster: `202` while its partitions move away and it leaves.
+async fn decommission(
+    State(state): State<AppState>,
+    _: Operator,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let node: u64 =
+        id.parse().map_err(|_| ApiError::bad_request("id", "must be a node id (a non-negative integer)"))?;
+    if !state.control.decommission(node).await.map_err(control_error)? {
+        return Err(ApiError::not_found(format!("node {node} is not a member of the cluster")));
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"node_id": node, "state": "leaving"}))).into_response())
 }
 
 /// The cluster as the answering node sees it: members, their roles and heartbeats, the leader.

@@ -131,10 +131,25 @@ async fn seeds_form_one_cluster_writes_work_on_any_node_and_a_new_node_joins() {
     })
     .await;
 
+    // Decommissioning a seed that does not lead (asked on the new node): its partitions move
+    // away, it leaves the membership, and node 4 takes its vote.
+    let gone = (1..=3u64).rev().find(|id| *id != leader).unwrap();
+    let leader_api = apis[leader as usize - 1].clone();
+    assert_eq!(fourth_api.delete("/v1/admin/cluster/nodes/99").await, StatusCode::NOT_FOUND);
+    assert_eq!(fourth_api.delete("/v1/admin/cluster/nodes/abc").await, StatusCode::BAD_REQUEST);
+    assert_eq!(fourth_api.delete(&format!("/v1/admin/cluster/nodes/{gone}")).await, StatusCode::ACCEPTED);
+    let mut after: Vec<(u64, String)> =
+        [1, 2, 3, 4].into_iter().filter(|id| *id != gone).map(|id| (id, "voter".to_string())).collect();
+    after.sort();
+    cluster_when(&leader_api, "the decommissioned node gone, node 4 a voter", |v| {
+        roles(v) == after && owners(v).is_some_and(|o| o.len() == 3 && !o.contains_key(&gone))
+    })
+    .await;
+
     // Node 4 goes away: once its heartbeats stop for the node timeout, its partition moves.
     fourth.stop().await.unwrap();
-    let v = cluster_when(&apis[0], "node 4's partition moved", |v| {
-        owners(v).is_some_and(|o| o.len() == 3 && !o.contains_key(&4))
+    let v = cluster_when(&leader_api, "node 4's partition moved", |v| {
+        owners(v).is_some_and(|o| o.len() == 2 && !o.contains_key(&4) && !o.contains_key(&gone))
     })
     .await;
     let down = v["members"].as_array().unwrap().iter().find(|m| m["id"] == json!(4)).cloned();
