@@ -309,9 +309,18 @@ async fn gone_disables_the_channel_with_a_reason_and_an_operational_alert() {
     })
     .await;
     assert!(ch["disabled_reason"].as_str().unwrap().contains("410"), "{ch}");
-    let (_, alerts) = s.api.get("/v1/alerts").await;
-    let system: Vec<&Value> = alerts["alerts"].as_array().unwrap().iter().filter(|a| a["kind"] == "system").collect();
-    assert_eq!(system.len(), 1, "{alerts}");
+    // The operational alert is written right after the channel is disabled.
+    let system: Vec<Value> = eventually(10, "the channel-disabled alert", || {
+        let api = s.api.clone();
+        async move {
+            let (_, alerts) = api.get("/v1/alerts").await;
+            let system: Vec<Value> =
+                alerts["alerts"].as_array()?.iter().filter(|a| a["kind"] == "system").cloned().collect();
+            (!system.is_empty()).then_some(system)
+        }
+    })
+    .await;
+    assert_eq!(system.len(), 1, "{system:?}");
     assert!(system[0]["title"].as_str().unwrap().contains("gone"));
 
     // While disabled, new deliveries fail at once without reaching the endpoint.
