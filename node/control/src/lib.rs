@@ -301,8 +301,7 @@ impl ControlPlane {
     /// the membership (a voter's place goes to a learner, if there is one). `false` when `node`
     /// is not a member.
     pub async fn decommission(&self, node: u64) -> Result<bool, ControlError> {
-        let member = self.raft.metrics().borrow().membership_config.membership().nodes().any(|(id, _)| *id == node);
-        if !member {
+        if !self.is_member(node) {
             return Ok(false);
         }
         self.propose(Command::DecommissionNode { node }).await?;
@@ -318,9 +317,7 @@ impl ControlPlane {
     /// The partitions this node owns, with their epochs: none once it is no longer a member
     /// (decommissioned), even if it never applied the moves of its last partitions.
     pub fn owned_partitions(&self) -> BTreeMap<u32, u64> {
-        let member =
-            self.raft.metrics().borrow().membership_config.membership().nodes().any(|(id, _)| *id == self.node_id);
-        if !member {
+        if !self.is_member(self.node_id) {
             return BTreeMap::new();
         }
         self.read().partitions_of(self.node_id)
@@ -328,13 +325,13 @@ impl ControlPlane {
 
     /// True while this node is a member of the cluster (voter or learner) and knows a leader.
     pub fn joined(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.current_leader.is_some() && m.membership_config.membership().nodes().any(|(id, _)| *id == self.node_id)
+        let has_leader = self.raft.metrics().borrow().current_leader.is_some();
+        has_leader && self.is_member(self.node_id)
     }
 
-    /// The heartbeats this node has heard.
-    pub fn peers(&self) -> &Peers {
-        &self.peers
+    /// Whether `node` is in the membership this node knows (voter or learner).
+    fn is_member(&self, node: u64) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().nodes().any(|(id, _)| *id == node)
     }
 
     /// The members, their roles and liveness, as this node sees them.
